@@ -1,0 +1,155 @@
+//! UDP echo on the same poll loop.
+//!
+//! Each datagram goes back to its sender unchanged (RFC 862). A send that
+//! would block is queued, but only up to `--max-buffer` bytes: UDP promises
+//! no delivery, so past that the datagram is dropped and counted rather
+//! than letting a flood grow the server's memory.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+
+use mio::net::UdpSocket;
+use mio::{Interest, Registry, Token};
+
+use super::stats::Stats;
+
+/// Datagrams handled per readiness event before yielding to other sockets.
+const RECV_BUDGET: usize = 256;
+
+/// What the loop should do after a call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for the next event.
+    Wait,
+    /// The budget ran out with datagrams possibly left: call again soon.
+    MoreReady,
+}
+
+/// The UDP echo socket and its bounded send queue.
+#[derive(Debug)]
+pub struct UdpEcho {
+    socket: UdpSocket,
+    queue: VecDeque<(SocketAddr, Box<[u8]>)>,
+    queued_bytes: usize,
+    limit: usize,
+    writable_registered: bool,
+}
+
+impl UdpEcho {
+    /// Wraps a bound socket; `limit` bounds the queued bytes.
+    pub fn new(socket: UdpSocket, limit: usize) -> Self {
+        UdpEcho {
+            socket,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            limit,
+            writable_registered: false,
+        }
+    }
+
+    /// Registers for `READABLE` under `token`.
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(&mut self.socket, token, Interest::READABLE)
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Receives until `WouldBlock` (or the budget), echoing each datagram.
+    pub fn on_readable(&mut self, scratch: &mut [u8], stats: &mut Stats) -> io::Result<Next> {
+        for _ in 0..RECV_BUDGET {
+            let (n, peer) = match self.socket.recv_from(scratch) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Wait),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // An ICMP error from an earlier send to a closed port
+                // surfaces here on Linux; it concerns that peer only.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            };
+            stats.udp_in += 1;
+            stats.bytes_in += n as u64;
+            self.echo(peer, &scratch[..n], stats)?;
+        }
+        Ok(Next::MoreReady)
+    }
+
+    fn echo(&mut self, peer: SocketAddr, data: &[u8], stats: &mut Stats) -> io::Result<()> {
+        if self.queue.is_empty() {
+            match send(&self.socket, peer, data) {
+                Ok(true) => {
+                    stats.udp_out += 1;
+                    stats.bytes_out += data.len() as u64;
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.queued_bytes + data.len() > self.limit {
+            stats.udp_dropped += 1;
+        } else {
+            self.queued_bytes += data.len();
+            self.queue.push_back((peer, data.into()));
+        }
+        Ok(())
+    }
+
+    /// Sends queued datagrams until the queue is empty or the socket would block.
+    pub fn on_writable(&mut self, stats: &mut Stats) -> io::Result<()> {
+        while let Some((peer, data)) = self.queue.front() {
+            if !send(&self.socket, *peer, data)? {
+                break;
+            }
+            stats.udp_out += 1;
+            stats.bytes_out += data.len() as u64;
+            self.queued_bytes -= data.len();
+            self.queue.pop_front();
+        }
+        if self.queue.is_empty() {
+            // Release the queue's memory after a burst.
+            self.queue = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Asks for `WRITABLE` only while datagrams are queued.
+    pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        let want = !self.queue.is_empty();
+        if want != self.writable_registered {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(&mut self.socket, token, interest)?;
+            self.writable_registered = want;
+        }
+        Ok(())
+    }
+
+    /// Stops receiving (shutdown): deregisters the socket.
+    pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.deregister(&mut self.socket)
+    }
+}
+
+/// Sends one datagram; `Ok(false)` when the socket would block.
+fn send(socket: &UdpSocket, peer: SocketAddr, data: &[u8]) -> io::Result<bool> {
+    loop {
+        match socket.send_to(data, peer) {
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            // A peer that went away or an oversized reply affects only
+            // that datagram; the socket keeps serving the others.
+            Err(e) => {
+                log::debug!("udp send to {peer} failed: {e}");
+                return Ok(true);
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Shared helpers: start the real `reactor` binary on 127.0.0.1:0 and talk
+//! to it with blocking std sockets and timeouts.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Generous: the machine is shared and busy.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_reactor")
+}
+
+/// A running server process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The first `listening on` line.
+    pub first: String,
+    stdout: BufReader<std::process::ChildStdout>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// `reactor serve --addr 127.0.0.1:0 ARGS`.
+    pub fn start(args: &[&str]) -> Server {
+        Self::spawn(
+            Command::new(bin())
+                .arg("serve")
+                .args(["--addr", "127.0.0.1:0"])
+                .args(args),
+        )
+    }
+
+    /// The same, under a lower soft open-file limit.
+    pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Server {
+        let script = format!("ulimit -n {limit}; exec \"$0\" serve --addr 127.0.0.1:0 \"$@\"");
+        Self::spawn(
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .arg(bin())
+                .args(args),
+        )
+    }
+
+    fn spawn(cmd: &mut Command) -> Server {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start reactor");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).expect("read listening line");
+        let addr = first
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no listening line, got {first:?}; stderr {:?}",
+                    stderr.lock().unwrap()
+                )
+            })
+            .parse()
+            .expect("listening address");
+        // The server writes nothing else to stdout but the other
+        // `listening on` lines, so the pipe never fills.
+        Server {
+            child,
+            addr,
+            first: first.trim_end().to_string(),
+            stdout: out,
+            stderr,
+        }
+    }
+
+    /// The next line on stdout (`listening on udp ...`, `... unix ...`).
+    pub fn next_stdout_line(&mut self) -> String {
+        let mut l = String::new();
+        self.stdout.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr)
+    }
+
+    /// Sends SIGTERM (through kill(1): the crate forbids unsafe code).
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, at most `TIMEOUT`.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
+    /// CPU time (user + system) used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split(' ').collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until stderr has a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.stderr_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}: {}",
+                self.stderr_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A blocking client with read and write timeouts.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Reads exactly `n` bytes or panics after the timeout.
+pub fn read_n(s: &mut impl Read, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read reply");
+    buf
+}
+
+/// Reads until EOF, returning what came.
+pub fn read_to_eof(s: &mut impl Read) -> Vec<u8> {
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read to eof");
+    buf
+}
+
+/// Deterministic bytes, different for every client and offset.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` on a second thread while reading the echo on this one,
+/// so neither side can stall the other; returns what came back.
+pub fn echo_roundtrip(s: &TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let d = data.clone();
+    let writer = thread::spawn(move || w.write_all(&d).unwrap());
+    let mut r = s.try_clone().unwrap();
+    let got = read_n(&mut r, data.len());
+    writer.join().unwrap();
+    got
+}
+
+/// Reads until EOF or an error (a reset after the data), returning
+/// what came before it.
+pub fn read_until_closed(s: &mut impl Read) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Polls `f` until it is true, at most `TIMEOUT`.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
