@@ -102,7 +102,11 @@ where
     let waker = Arc::new(Waker::new(poll.registry(), STDIN)?);
     poll.registry()
         .register(&mut stream, SOCKET, Interest::READABLE | Interest::WRITABLE)?;
-    let chunks = spawn_reader(input, waker);
+    // The loop keeps its own handle on the waker: if the reader thread
+    // held the only one, its exit after EOF would close the eventfd, and
+    // closing an fd drops its pending event from epoll, losing the very
+    // wake-up that says "EOF".
+    let chunks = spawn_reader(input, waker.clone());
     let mut events = Events::with_capacity(16);
     let mut pending = OutQueue::new(usize::MAX);
     let mut input_done = false;
@@ -186,7 +190,11 @@ where
     let waker = Arc::new(Waker::new(poll.registry(), STDIN)?);
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
-    let chunks = spawn_reader(input, waker);
+    // The loop keeps its own handle on the waker: if the reader thread
+    // held the only one, its exit after EOF would close the eventfd, and
+    // closing an fd drops its pending event from epoll, losing the very
+    // wake-up that says "EOF".
+    let chunks = spawn_reader(input, waker.clone());
     let mut events = Events::with_capacity(16);
     let mut partial = Vec::new();
     let mut buf = vec![0; 65536];

@@ -107,6 +107,20 @@ enum Accepting {
     Off,
 }
 
+/// How far a readable connection is read.
+///
+/// Edge-triggered readiness reports each *arrival* once. When the event
+/// carried no hang-up, a read that returns less than asked for means the
+/// socket is empty for now, and anything arriving later (data or FIN)
+/// raises a new edge. When the event already says the peer closed
+/// (`EPOLLRDHUP`), or when the read is a ready-list retry with no fresh
+/// edge behind it, only reading until `WouldBlock` or EOF is safe.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Drain {
+    UntilShortRead,
+    ToEnd,
+}
+
 /// The event loop, generic over the protocol it serves.
 pub struct EventLoop<P: Protocol> {
     poll: Poll,
@@ -241,7 +255,14 @@ impl<P: Protocol> EventLoop<P> {
                 log::trace!("event {:?}", event);
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-                self.dispatch(event.token(), readable, writable)?;
+                // If the peer's FIN is already queued behind the data, a
+                // short read would hide it: its edge was this very event.
+                let drain = if event.is_read_closed() || event.is_error() {
+                    Drain::ToEnd
+                } else {
+                    Drain::UntilShortRead
+                };
+                self.dispatch(event.token(), readable, writable, drain)?;
             }
             for &token in &pending {
                 self.serve_again(token)?;
@@ -283,13 +304,19 @@ impl<P: Protocol> EventLoop<P> {
         })
     }
 
-    fn dispatch(&mut self, token: Token, readable: bool, writable: bool) -> io::Result<()> {
+    fn dispatch(
+        &mut self,
+        token: Token,
+        readable: bool,
+        writable: bool,
+        drain: Drain,
+    ) -> io::Result<()> {
         match token {
             LISTENER_TCP | LISTENER_UNIX => self.accept(token),
             UDP => self.on_udp(readable, writable),
             SIGNALS => self.on_signal(),
             _ => {
-                self.on_connection(token, readable, writable);
+                self.on_connection(token, readable, writable, drain);
                 Ok(())
             }
         }
@@ -300,12 +327,14 @@ impl<P: Protocol> EventLoop<P> {
         match token {
             LISTENER_TCP | LISTENER_UNIX | UDP => {
                 self.listener_ready[token.0] = false;
-                self.dispatch(token, true, false)
+                self.dispatch(token, true, false, Drain::ToEnd)
             }
             _ => {
                 if let Some(key) = self.live(token) {
                     self.conns[key].flags &= !flag::ON_READY_LIST;
-                    self.on_connection(token, true, true);
+                    // No fresh edge stands behind a ready-list entry, so
+                    // a short read proves nothing here: read to the end.
+                    self.on_connection(token, true, true, Drain::ToEnd);
                 }
                 Ok(())
             }
@@ -485,7 +514,7 @@ impl<P: Protocol> EventLoop<P> {
 
     // ----- one connection --------------------------------------------------
 
-    fn on_connection(&mut self, token: Token, readable: bool, writable: bool) {
+    fn on_connection(&mut self, token: Token, readable: bool, writable: bool, drain: Drain) {
         let Some(key) = self.live(token) else {
             // A stale event for a connection closed earlier in this batch.
             return;
@@ -494,7 +523,7 @@ impl<P: Protocol> EventLoop<P> {
             self.on_writable(key);
         }
         if readable {
-            self.on_readable(key);
+            self.on_readable(key, drain);
         }
         self.settle(key);
         self.deliver();
@@ -519,7 +548,7 @@ impl<P: Protocol> EventLoop<P> {
         }
     }
 
-    fn on_readable(&mut self, key: usize) {
+    fn on_readable(&mut self, key: usize, drain: Drain) {
         let mut budget = READ_BUDGET;
         loop {
             let conn = &mut self.conns[key];
@@ -584,7 +613,10 @@ impl<P: Protocol> EventLoop<P> {
                     // raise a new edge. So the read that would only say
                     // `WouldBlock` is skipped: one system call less per
                     // message. (Linux; elsewhere we read on to WouldBlock.)
-                    if cfg!(target_os = "linux") && n < want {
+                    // Not when the event said the peer has closed: then
+                    // the FIN is queued behind these bytes and no new
+                    // edge will come for it (see `Drain`).
+                    if cfg!(target_os = "linux") && drain == Drain::UntilShortRead && n < want {
                         return;
                     }
                 }
