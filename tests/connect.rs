@@ -6,28 +6,14 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 
 fn connect_with(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(bin())
-        .arg("connect")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    // Written from a thread: a large input and its echo would otherwise
-    // fill both pipes and deadlock with us.
-    let writer = thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
+    let mut all = vec!["connect"];
+    all.extend_from_slice(args);
+    run_bounded(&all, input, Duration::from_secs(60))
 }
 
 #[test]
@@ -90,7 +76,7 @@ fn a_reset_connection_exits_one_with_a_message() {
         // Wait for the client's first byte, then close with a reset.
         std::io::Read::read(&mut &s, &mut buf).unwrap();
         socket2::SockRef::from(&s)
-            .set_linger(Some(std::time::Duration::ZERO))
+            .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(s);
     });
@@ -105,6 +91,14 @@ fn a_reset_connection_exits_one_with_a_message() {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"x").unwrap();
     server.join().unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the client did not notice the reset");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
     let out = child.wait_with_output().unwrap();
     drop(stdin);
     assert_eq!(out.status.code(), Some(1));

@@ -237,3 +237,62 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs `reactor ARGS` to completion with `input` on stdin, killing it
+/// (and failing the test) if it outlives `limit`.
+pub fn run_bounded(args: &[&str], input: &[u8], limit: Duration) -> std::process::Output {
+    run_program_bounded(bin(), args, input, limit)
+}
+
+/// Runs `program ARGS` like [`run_bounded`].
+pub fn run_program_bounded(
+    program: &str,
+    args: &[&str],
+    input: &[u8],
+    limit: Duration,
+) -> std::process::Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn reactor");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // Written and read from threads: a large input and its echo would
+    // otherwise fill both pipes and deadlock with us.
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} {args:?} still running after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    writer.join().unwrap();
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}

@@ -1,0 +1,286 @@
+//! The echo workload over UDP: one connected datagram socket per
+//! "connection", `--pipeline` datagrams in flight on each.
+//!
+//! Datagrams keep their boundaries but may be lost or reordered, so a
+//! reply is matched by the sequence number it carries, not by its place
+//! in a stream. A datagram not answered within a second (or `--timeout`,
+//! if shorter) is counted lost and replaced; loss is reported, not
+//! fatal, unless nothing at all comes back for `--timeout`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+
+use super::message::{self, HEADER};
+use super::report::{record, Failure, Tally};
+use super::{Plan, Progress};
+
+/// The largest UDP payload over IPv4: 65,535 − 8 (UDP) − 20 (IP).
+pub const MAX_DATAGRAM: usize = 65_507;
+/// How long a datagram may go unanswered before it counts as lost.
+const LOSS_WAIT: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(50);
+
+struct Sock {
+    socket: UdpSocket,
+    id: u32,
+    next_seq: u32,
+    /// Datagrams in flight: sequence number and when it was sent.
+    inflight: VecDeque<(u32, Instant)>,
+    /// Datagrams that could not be sent yet (send buffer full).
+    owed: u32,
+    writable: bool,
+}
+
+/// One poll loop's share of the UDP sockets.
+pub struct UdpWorker {
+    plan: Arc<Plan>,
+    progress: Arc<Progress>,
+    poll: Poll,
+    socks: Vec<Sock>,
+    tally: Tally,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    completions: u64,
+}
+
+impl UdpWorker {
+    /// Binds one socket per id, each connected to `addr`.
+    pub fn new(
+        plan: Arc<Plan>,
+        progress: Arc<Progress>,
+        addr: SocketAddr,
+        ids: Vec<u32>,
+    ) -> io::Result<UdpWorker> {
+        let poll = Poll::new()?;
+        let mut socks = Vec::with_capacity(ids.len());
+        let mut tally = Tally::default();
+        for (i, id) in ids.into_iter().enumerate() {
+            let local = match plan.source_ips.get(i % plan.source_ips.len().max(1)) {
+                Some(ip) => SocketAddr::new(*ip, 0),
+                None if addr.is_ipv4() => "127.0.0.1:0".parse().expect("literal"),
+                None => "[::1]:0".parse().expect("literal"),
+            };
+            let opened = UdpSocket::bind(local).and_then(|mut s| {
+                s.connect(addr)?;
+                poll.registry()
+                    .register(&mut s, Token(i), Interest::READABLE)?;
+                Ok(s)
+            });
+            match opened {
+                Ok(socket) => {
+                    tally.opened += 1;
+                    socks.push(Sock {
+                        socket,
+                        id,
+                        next_seq: 0,
+                        inflight: VecDeque::new(),
+                        owed: 0,
+                        writable: false,
+                    });
+                }
+                Err(e) => {
+                    tally.fail(Failure::Connect, || format!("udp socket {id}: {e}"));
+                    break;
+                }
+            }
+        }
+        progress.opened.fetch_add(tally.opened, Ordering::Relaxed);
+        Ok(UdpWorker {
+            plan,
+            progress,
+            poll,
+            socks,
+            tally,
+            buf: vec![0; MAX_DATAGRAM + 1],
+            out: Vec::with_capacity(MAX_DATAGRAM),
+            completions: 0,
+        })
+    }
+
+    /// Runs warm-up, the measured window and the drain.
+    pub fn run(mut self) -> Tally {
+        let start = Instant::now();
+        let measure_at = start + self.plan.warmup;
+        let stop_at = measure_at + self.plan.duration;
+        let loss_wait = LOSS_WAIT.min(self.plan.timeout);
+        let mut measuring = false;
+        let mut last_reply = start;
+        let mut events = Events::with_capacity(1024);
+        for i in 0..self.socks.len() {
+            self.send(i, self.plan.pipeline, start);
+        }
+        loop {
+            let now = Instant::now();
+            let sending = now < stop_at;
+            if !measuring && now >= measure_at {
+                measuring = true;
+                self.tally.reset_measurement();
+                self.progress.measuring.store(true, Ordering::Relaxed);
+            }
+            let idle = self.socks.iter().all(|s| s.inflight.is_empty());
+            if !sending && idle {
+                break;
+            }
+            if now.duration_since(last_reply) > self.plan.timeout && !idle {
+                let secs = self.plan.timeout.as_secs_f64();
+                self.tally.fail(Failure::Timeout, || {
+                    format!("no datagram came back for {secs} s")
+                });
+                break;
+            }
+            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.tally
+                        .fail(Failure::Closed, || format!("poll failed: {e}"));
+                    break;
+                }
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                let i = event.token().0;
+                if event.is_writable() {
+                    let owed = std::mem::take(&mut self.socks[i].owed);
+                    self.send(i, owed, now);
+                }
+                if event.is_readable() && self.receive(i, now, measuring, sending) {
+                    last_reply = now;
+                }
+            }
+            // Whatever waited too long is lost; send another in its place.
+            for i in 0..self.socks.len() {
+                let mut lost = 0;
+                let s = &mut self.socks[i];
+                while s
+                    .inflight
+                    .front()
+                    .is_some_and(|&(_, t)| now.duration_since(t) > loss_wait)
+                {
+                    s.inflight.pop_front();
+                    lost += 1;
+                }
+                self.tally.lost += u64::from(lost);
+                if lost > 0 && sending {
+                    self.send(i, lost, now);
+                }
+            }
+            if measuring && sending {
+                self.tally.measured_secs = now.duration_since(measure_at).as_secs_f64();
+            }
+            self.progress
+                .messages
+                .fetch_add(std::mem::take(&mut self.completions), Ordering::Relaxed);
+        }
+        self.tally
+    }
+
+    /// Reads every datagram waiting on socket `i`; true if any was a reply.
+    fn receive(&mut self, i: usize, now: Instant, measuring: bool, sending: bool) -> bool {
+        let size = self.plan.size;
+        let mut any = false;
+        loop {
+            let s = &mut self.socks[i];
+            let n = match s.socket.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ECONNREFUSED: an ICMP port-unreachable came back for an
+                // earlier datagram; the server is not there.
+                Err(e) => {
+                    let id = s.id;
+                    self.tally
+                        .fail(Failure::Connect, || format!("udp socket {id}: {e}"));
+                    s.inflight.clear();
+                    return any;
+                }
+            };
+            any = true;
+            let d = &self.buf[..n];
+            let seq = if n >= HEADER {
+                u32::from_le_bytes(d[4..8].try_into().expect("4 bytes"))
+            } else {
+                0
+            };
+            let intact = n == size
+                && d.iter()
+                    .enumerate()
+                    .all(|(j, &b)| b == message::byte(s.id, seq, size, j));
+            let slot = s.inflight.iter().position(|&(q, _)| q == seq);
+            match (intact, slot) {
+                (true, Some(at)) => {
+                    let (_, sent) = s.inflight.remove(at).expect("position found");
+                    self.completions += 1;
+                    if measuring && sending {
+                        record(&mut self.tally.latency, now.saturating_duration_since(sent));
+                        self.tally.messages += 1;
+                        self.tally.bytes += size as u64;
+                    }
+                    if sending {
+                        self.send(i, 1, now);
+                    }
+                }
+                (true, None) => {
+                    // Answered after it was counted lost, or duplicated on
+                    // the way: UDP allows both; not a corruption.
+                }
+                (false, _) => {
+                    let id = s.id;
+                    self.tally.fail(Failure::Mismatch, || {
+                        format!(
+                            "udp socket {id}: a {n}-byte datagram came back that was never sent \
+                             (expected {size} bytes of message {seq})"
+                        )
+                    });
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, i: usize, count: u32, now: Instant) {
+        let size = self.plan.size;
+        let s = &mut self.socks[i];
+        for k in 0..count {
+            self.out.clear();
+            message::append(&mut self.out, s.id, s.next_seq, size);
+            match s.socket.send(&self.out) {
+                Ok(_) => {
+                    s.inflight.push_back((s.next_seq, now));
+                    s.next_seq = s.next_seq.wrapping_add(1);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    s.owed += count - k;
+                    if !s.writable {
+                        s.writable = true;
+                        let _ = self.poll.registry().reregister(
+                            &mut s.socket,
+                            Token(i),
+                            Interest::READABLE | Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
+                Err(e) => {
+                    // The ICMP error for an earlier datagram surfaces here
+                    // too; count it once and carry on.
+                    let id = s.id;
+                    self.tally
+                        .fail(Failure::Connect, || format!("udp socket {id}: {e}"));
+                    return;
+                }
+            }
+        }
+        if s.writable && s.owed == 0 {
+            s.writable = false;
+            let _ = self
+                .poll
+                .registry()
+                .reregister(&mut s.socket, Token(i), Interest::READABLE);
+        }
+    }
+}

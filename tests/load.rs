@@ -1,0 +1,351 @@
+//! `reactor load` end to end, against the real server and against test
+//! peers that misbehave on purpose.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// Long enough for a loaded 2-core machine; the runs themselves are short.
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn load(args: &[&str]) -> Output {
+    let mut all = vec!["load"];
+    all.extend_from_slice(args);
+    run_bounded(&all, b"", LIMIT)
+}
+
+fn load_json(args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = load(&all);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+fn echo_server() -> Server {
+    Server::start(&["--log-level", "warn"])
+}
+
+#[test]
+fn echo_ping_pong_verifies_and_reports_latency() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[&addr, "-c", "20", "-d", "1", "--warmup", "0.2"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["workload"], "echo");
+    assert_eq!(v["connections_opened"], 20);
+    assert_eq!(v["errors"]["total"], 0);
+    assert!(v["messages"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["msgs_per_sec"].as_f64().unwrap() > 0.0);
+    let (bytes, msgs) = (
+        v["bytes_per_sec"].as_f64().unwrap(),
+        v["msgs_per_sec"].as_f64().unwrap(),
+    );
+    assert!(
+        (bytes / (msgs * 64.0) - 1.0).abs() < 1e-3,
+        "{bytes} B/s, {msgs} msg/s"
+    );
+    let lat = &v["latency_us"];
+    let (p50, p99, max) = (
+        lat["p50"].as_f64().unwrap(),
+        lat["p99"].as_f64().unwrap(),
+        lat["max"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{lat}");
+    assert!(v["connect_latency_us"]["p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["settings"]["connections"], 20);
+    assert_eq!(v["settings"]["pipeline"], 1);
+}
+
+#[test]
+fn pipelined_echo_over_several_threads() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[
+        &addr,
+        "-c",
+        "30",
+        "--pipeline",
+        "16",
+        "--threads",
+        "2",
+        "-s",
+        "1000",
+        "-d",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["connections_opened"], 30);
+    assert!(v["messages"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn open_loop_rate_sends_on_schedule() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[
+        &addr, "-c", "10", "--rate", "100", "-d", "2", "--warmup", "0.5",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    // 10 connections x 100/s x 2 s = 2,000 on schedule; the schedule is a
+    // ceiling, and even a badly stalled client gets a good part done.
+    let n = v["messages"].as_u64().unwrap();
+    assert!((500..=2_100).contains(&n), "{n} messages");
+}
+
+#[test]
+fn hold_ten_thousand_connections() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[&addr, "--workload", "hold", "-c", "10000", "-d", "1"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["connections_opened"], 10_000);
+    assert_eq!(v["survived"], 10_000);
+    // One round trip before the hold and one after, on every connection.
+    assert_eq!(v["messages"], 20_000);
+    assert!(v["open_secs"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn churn_opens_and_closes_connections() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[
+        &addr,
+        "--workload",
+        "churn",
+        "-c",
+        "8",
+        "-d",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    let cycles = v["cycles"].as_u64().unwrap();
+    assert!(cycles > 8, "{v}");
+    assert_eq!(v["messages"].as_u64().unwrap(), cycles);
+    assert!(v["connections_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(v["connect_latency_us"]["p50"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn connect_rate_paces_new_connections() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[
+        &addr,
+        "--workload",
+        "churn",
+        "-c",
+        "4",
+        "--connect-rate",
+        "50",
+        "-d",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    // At most 50 a second (plus the first), however fast the machine.
+    let opened = v["connections_opened"].as_u64().unwrap();
+    assert!((5..=60).contains(&opened), "{opened} connections");
+}
+
+#[test]
+fn source_addresses_are_used() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, v) = load_json(&[
+        &addr,
+        "-c",
+        "6",
+        "--source-ip",
+        "127.0.0.2,127.0.0.3",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["settings"]["source_ip"][1], "127.0.0.3");
+}
+
+/// A peer that echoes faithfully except for one byte.
+fn corrupting_peer(flip_at: usize) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut flipped = false;
+        while !flag.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let first = !flipped;
+            flipped = true;
+            thread::spawn(move || {
+                let mut seen = 0;
+                let mut buf = [0; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    if first && (seen..seen + n).contains(&flip_at) {
+                        buf[flip_at - seen] ^= 0x01;
+                    }
+                    seen += n;
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, stop)
+}
+
+#[test]
+fn one_flipped_byte_is_reported_and_fails_the_run() {
+    let (addr, stop) = corrupting_peer(1000);
+    let addr = addr.to_string();
+    let (code, v) = load_json(&[&addr, "-c", "3", "-d", "1", "--warmup", "0"]);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["errors"]["mismatch"], 1, "{v}");
+    let what = v["failures"][0].as_str().unwrap();
+    // Byte 1000 of the stream is byte 40 of message 15 (64-byte messages).
+    assert!(what.contains("message 15 byte 40"), "{what}");
+}
+
+#[test]
+fn the_table_names_the_failure_too() {
+    let (addr, stop) = corrupting_peer(10);
+    let out = load(&[&addr.to_string(), "-c", "1", "-d", "0.5", "--warmup", "0"]);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("mismatch 1"), "{text}");
+    assert!(text.contains("result        FAILED"), "{text}");
+}
+
+#[test]
+fn a_server_that_hangs_up_is_counted() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        // Echo one message, then hang up.
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0; 64];
+        if s.read_exact(&mut buf).is_ok() {
+            let _ = s.write_all(&buf);
+        }
+    });
+    let (code, v) = load_json(&[&addr.to_string(), "-c", "1", "-d", "1", "--warmup", "0"]);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["errors"]["closed"], 1, "{v}");
+}
+
+#[test]
+fn nobody_listening_is_a_connect_failure() {
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, v) = load_json(&[&free.to_string(), "-c", "5", "-d", "0.5", "--warmup", "0"]);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["connections_opened"], 0);
+    assert_eq!(v["errors"]["connect"], 5, "{v}");
+}
+
+#[test]
+fn a_peer_that_never_answers_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accepted by the kernel's backlog, never read.
+    let (code, v) = load_json(&[
+        &addr.to_string(),
+        "-c",
+        "2",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0",
+        "--timeout",
+        "1",
+    ]);
+    drop(listener);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["errors"]["timeout"], 2, "{v}");
+}
+
+#[test]
+fn the_open_file_limit_is_named_when_reached() {
+    let server = echo_server();
+    // The load process gets 64 descriptors and is asked for 200.
+    let out = run_program_bounded(
+        "sh",
+        &[
+            "-c",
+            "ulimit -n 64; exec \"$0\" load \"$1\" --workload hold -c 200 -d 0.2 --json",
+            bin(),
+            &server.addr.to_string(),
+        ],
+        b"",
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["errors"]["fd_limit"], 1, "{v}");
+    let opened = v["connections_opened"].as_u64().unwrap();
+    assert!((30..64).contains(&opened), "{opened} opened");
+    // Every connection opened still survived the hold.
+    assert_eq!(v["survived"].as_u64().unwrap(), opened);
+    assert_eq!(v["connections_not_opened"].as_u64().unwrap(), 200 - opened);
+    let what = v["failures"][0].as_str().unwrap();
+    assert!(what.contains("RLIMIT_NOFILE = 64"), "{what}");
+    assert!(what.contains("not the server"), "{what}");
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(warning.contains("RLIMIT_NOFILE"), "{warning}");
+}
+
+#[test]
+fn flags_that_do_not_go_together_exit_two() {
+    for args in [
+        vec!["--workload", "hold", "--udp", "127.0.0.1:9"],
+        vec!["--source-ip", "10.1.2.3"],
+        vec!["-c", "0"],
+        vec!["--pipeline", "0"],
+        vec!["--udp", "127.0.0.1:9", "-s", "4"],
+        vec!["--timeout", "0"],
+        vec!["--workload", "storm"],
+    ] {
+        let out = load(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+}
