@@ -144,34 +144,51 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .max_connections
         .unwrap_or_else(|| (limit as usize).saturating_sub(FD_RESERVE).max(1));
     let listeners = listen::Listeners::bind(&config)?;
-    print_listening(&config, &listeners).map_err(ServeError::Io)?;
+    let lines = listening_lines(&config, &listeners).map_err(ServeError::Io)?;
     log::info!("open-file limit {limit}; holding at most {max_connections} connections");
+    // The `listening on` lines tell a supervisor the server is ready, so
+    // they are printed only once SIGTERM is handled by the loop: a signal
+    // sent the moment the line appears must shut down gracefully, not kill.
+    let announce = move || print_lines(&lines);
     match (config.engine, config.mode) {
         (Engine::Reactor, Mode::Echo) => {
-            event_loop::EventLoop::new(config, max_connections, listeners, Echo)?.run()
+            let event_loop = event_loop::EventLoop::new(config, max_connections, listeners, Echo)?;
+            announce().map_err(ServeError::Io)?;
+            event_loop.run()
         }
         (Engine::Reactor, Mode::Chat) => {
             let chat = Chat::new(config.max_line);
-            event_loop::EventLoop::new(config, max_connections, listeners, chat)?.run()
+            let event_loop = event_loop::EventLoop::new(config, max_connections, listeners, chat)?;
+            announce().map_err(ServeError::Io)?;
+            event_loop.run()
         }
-        (Engine::Threads, mode) => threads::run(config, mode, max_connections, listeners),
+        (Engine::Threads, mode) => {
+            threads::run(config, mode, max_connections, listeners, Box::new(announce))
+        }
     }
     .map_err(ServeError::Io)
 }
 
-fn print_listening(config: &Config, l: &listen::Listeners) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    writeln!(
-        out,
+/// One `listening on` line per listener, TCP first.
+fn listening_lines(config: &Config, l: &listen::Listeners) -> io::Result<Vec<String>> {
+    let mut lines = vec![format!(
         "listening on {} (mode {})",
         l.tcp_addr()?,
         config.mode.name()
-    )?;
+    )];
     if let Some(addr) = l.udp_addr()? {
-        writeln!(out, "listening on udp {addr}")?;
+        lines.push(format!("listening on udp {addr}"));
     }
     if let Some(path) = &config.unix {
-        writeln!(out, "listening on unix {}", path.display())?;
+        lines.push(format!("listening on unix {}", path.display()));
+    }
+    Ok(lines)
+}
+
+fn print_lines(lines: &[String]) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    for line in lines {
+        writeln!(out, "{line}")?;
     }
     out.flush()
 }

@@ -133,14 +133,38 @@ impl Outbox for Collect {
 }
 
 /// Serves `mode` with one thread per client until SIGINT or SIGTERM.
-pub fn run(config: Config, mode: Mode, max_connections: usize, l: Listeners) -> io::Result<()> {
+///
+/// `announce` prints the `listening on` lines; it is called once signals
+/// are handled.
+pub fn run(
+    config: Config,
+    mode: Mode,
+    max_connections: usize,
+    l: Listeners,
+    announce: Announce,
+) -> io::Result<()> {
     match mode {
-        Mode::Echo => run_with(Echo, config, max_connections, l),
-        Mode::Chat => run_with(Chat::new(config.max_line), config, max_connections, l),
+        Mode::Echo => run_with(Echo, config, max_connections, l, announce),
+        Mode::Chat => run_with(
+            Chat::new(config.max_line),
+            config,
+            max_connections,
+            l,
+            announce,
+        ),
     }
 }
 
-fn run_with<P>(protocol: P, config: Config, max_connections: usize, l: Listeners) -> io::Result<()>
+/// Prints the `listening on` lines.
+pub type Announce = Box<dyn FnOnce() -> io::Result<()>>;
+
+fn run_with<P>(
+    protocol: P,
+    config: Config,
+    max_connections: usize,
+    l: Listeners,
+    announce: Announce,
+) -> io::Result<()>
 where
     P: Protocol + Send + 'static,
     P::Session: Send,
@@ -156,6 +180,7 @@ where
         idle: config.idle_timeout,
     });
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    announce()?;
     let tcp = l.tcp;
     let s = shared.clone();
     thread::spawn(move || {

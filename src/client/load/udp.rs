@@ -48,6 +48,8 @@ pub struct UdpWorker {
     buf: Vec<u8>,
     out: Vec<u8>,
     completions: u64,
+    /// Intact replies, warm-up included.
+    replies: u64,
 }
 
 impl UdpWorker {
@@ -101,6 +103,7 @@ impl UdpWorker {
             buf: vec![0; MAX_DATAGRAM + 1],
             out: Vec::with_capacity(MAX_DATAGRAM),
             completions: 0,
+            replies: 0,
         })
     }
 
@@ -149,7 +152,11 @@ impl UdpWorker {
                     let owed = std::mem::take(&mut self.socks[i].owed);
                     self.send(i, owed, now);
                 }
-                if event.is_readable() && self.receive(i, now, measuring, sending) {
+                // A connected UDP socket reports an ICMP "port
+                // unreachable" as an error event; recv() returns it.
+                if (event.is_readable() || event.is_error())
+                    && self.receive(i, now, measuring, sending)
+                {
                     last_reply = now;
                 }
             }
@@ -176,6 +183,11 @@ impl UdpWorker {
             self.progress
                 .messages
                 .fetch_add(std::mem::take(&mut self.completions), Ordering::Relaxed);
+        }
+        if self.replies == 0 && !self.socks.is_empty() && self.tally.total_errors() == 0 {
+            self.tally.fail(Failure::Timeout, || {
+                "not one datagram came back: is a UDP echo server there?".into()
+            });
         }
         self.tally
     }
@@ -216,6 +228,7 @@ impl UdpWorker {
                 (true, Some(at)) => {
                     let (_, sent) = s.inflight.remove(at).expect("position found");
                     self.completions += 1;
+                    self.replies += 1;
                     if measuring && sending {
                         record(&mut self.tally.latency, now.saturating_duration_since(sent));
                         self.tally.messages += 1;
