@@ -349,3 +349,36 @@ fn flags_that_do_not_go_together_exit_two() {
         assert!(!out.stderr.is_empty());
     }
 }
+
+#[test]
+fn a_server_that_stops_accepting_ends_the_opening_phase() {
+    // A listener with a one-slot backlog that never accepts: the kernel
+    // completes a couple of handshakes, then drops every further SYN.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(1).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let started = std::time::Instant::now();
+    let (code, v) = load_json(&[
+        &addr.to_string(),
+        "--workload",
+        "hold",
+        "-c",
+        "2000",
+        "-d",
+        "0.2",
+        "--timeout",
+        "1",
+    ]);
+    drop(socket);
+    assert_eq!(code, Some(1), "{v}");
+    // Without the stop, 2000 connects 512 at a time at 1 s each would
+    // take several seconds more; with it the run gives up after about one
+    // timeout of no progress.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(v["connections_not_opened"].as_u64().unwrap() > 0, "{v}");
+    let failures = v["failures"].to_string();
+    assert!(failures.contains("stopped accepting"), "{failures}");
+}

@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use mio::{Interest, Token};
 
+use super::event_loop::Show;
 use super::stats::Stats;
 use super::stream::Stream;
 use crate::buffer::OutQueue;
@@ -253,7 +254,13 @@ impl Outbox for ConnOutbox<'_> {
                 }
             }
         };
+        log::trace!(
+            "[{}] reply: {sent} of {} bytes written at once",
+            Show(self.token),
+            bytes.len()
+        );
         if sent < bytes.len() {
+            log::trace!("[{}] queued {} bytes", Show(self.token), bytes.len() - sent);
             let limit = self.limit;
             let q = self
                 .out

@@ -95,6 +95,24 @@ fn conn_key(token: Token) -> (usize, u32) {
     ((token.0 & 0xffff_ffff) - FIRST_CONN, (token.0 >> 32) as u32)
 }
 
+/// A token as the logs show it: `conn 3#17` is slab key 3, generation 17.
+pub struct Show(pub Token);
+
+impl std::fmt::Display for Show {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            LISTENER_TCP => f.write_str("tcp listener"),
+            LISTENER_UNIX => f.write_str("unix listener"),
+            UDP => f.write_str("udp socket"),
+            SIGNALS => f.write_str("signals"),
+            t => {
+                let (key, generation) = conn_key(t);
+                write!(f, "conn {key}#{generation}")
+            }
+        }
+    }
+}
+
 /// Whether accepting is on, or paused after running out of descriptors.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Accepting {
@@ -251,10 +269,26 @@ impl<P: Protocol> EventLoop<P> {
             // turn, so everything else runs before a socket gets more.
             let mut pending = std::mem::take(&mut self.ready_spare);
             std::mem::swap(&mut pending, &mut self.ready);
+            log::trace!(
+                "poll: {} event(s), {} on the ready list",
+                events.iter().count(),
+                pending.len()
+            );
             for event in events.iter() {
-                log::trace!("event {:?}", event);
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                log::trace!(
+                    "[{}] event:{}{}{}{}",
+                    Show(event.token()),
+                    if readable { " readable" } else { "" },
+                    if writable { " writable" } else { "" },
+                    if event.is_read_closed() {
+                        " read-closed"
+                    } else {
+                        ""
+                    },
+                    if event.is_error() { " error" } else { "" },
+                );
                 // If the peer's FIN is already queued behind the data, a
                 // short read would hide it: its edge was this very event.
                 let drain = if event.is_read_closed() || event.is_error() {
@@ -388,7 +422,10 @@ impl<P: Protocol> EventLoop<P> {
                     self.open(stream)?;
                 }
                 // Drained: the next connection raises a new edge.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    log::trace!("[{}] accept: WouldBlock, drained", Show(token));
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_out_of_fds(&e) => return self.pause_accepting(e),
                 // ECONNABORTED and friends concern that one connection,
@@ -503,7 +540,7 @@ impl<P: Protocol> EventLoop<P> {
             session,
         });
         self.stats.active += 1;
-        log::debug!("[{token:?}] open ({} held)", self.conns.len());
+        log::debug!("[{}] open ({} held)", Show(token), self.conns.len());
         if let Some(idle) = self.config.idle_timeout {
             self.timers.push(self.now + idle.as_millis() as u64, token);
         }
@@ -538,11 +575,22 @@ impl<P: Protocol> EventLoop<P> {
             // socket may still be writable and no edge will say so.
             Ok(n) if n >= WRITE_BUDGET && conn.queued() > 0 => {
                 let token = conn_token(key, conn.generation);
+                log::trace!(
+                    "[{}] wrote {n} bytes: budget spent, ready list",
+                    Show(token)
+                );
                 self.push_ready(token);
             }
-            Ok(_) => {}
+            Ok(n) => log::trace!(
+                "[{}] wrote {n} queued bytes, {} left",
+                Show(conn_token(key, conn.generation)),
+                conn.queued()
+            ),
             Err(e) => {
-                log::debug!("[{:?}] write failed: {e}", conn_token(key, conn.generation));
+                log::debug!(
+                    "[{}] write failed: {e}",
+                    Show(conn_token(key, conn.generation))
+                );
                 conn.flags |= flag::FAILED;
             }
         }
@@ -559,6 +607,7 @@ impl<P: Protocol> EventLoop<P> {
                 return;
             }
             if budget == 0 {
+                log::trace!("[{}] read budget spent: ready list", Show(token));
                 self.push_ready(token);
                 return;
             }
@@ -570,7 +619,7 @@ impl<P: Protocol> EventLoop<P> {
                 .map_or(self.config.max_buffer, |q| q.space());
             if space == 0 {
                 conn.flags |= flag::PAUSED;
-                log::debug!("[{token:?}] output full: reading paused");
+                log::debug!("[{}] output full: reading paused", Show(token));
                 return;
             }
             let want = space.min(self.scratch.len()).min(budget);
@@ -580,7 +629,7 @@ impl<P: Protocol> EventLoop<P> {
                 // what we owe it, so this is a half-close, not an error.
                 Ok(0) => {
                     conn.flags |= flag::READ_CLOSED;
-                    log::debug!("[{token:?}] eof");
+                    log::debug!("[{}] read: 0 bytes, eof", Show(token));
                     if conn.phase == Phase::Open {
                         let (mut outbox, session) = conn.split(
                             token,
@@ -593,6 +642,7 @@ impl<P: Protocol> EventLoop<P> {
                     return;
                 }
                 Ok(n) => {
+                    log::trace!("[{}] read {n} bytes", Show(token));
                     self.stats.bytes_in += n as u64;
                     budget -= n;
                     conn.stamp = self.now;
@@ -617,16 +667,20 @@ impl<P: Protocol> EventLoop<P> {
                     // the FIN is queued behind these bytes and no new
                     // edge will come for it (see `Drain`).
                     if cfg!(target_os = "linux") && drain == Drain::UntilShortRead && n < want {
+                        log::trace!("[{}] short read: drained for now", Show(token));
                         return;
                     }
                 }
                 // Drained: wait for the next edge. Also what a spurious
                 // wake-up looks like.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    log::trace!("[{}] read: WouldBlock, drained", Show(token));
+                    return;
+                }
                 // A signal interrupted the call; nothing happened, retry.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::debug!("[{token:?}] read failed: {e}");
+                    log::debug!("[{}] read failed: {e}", Show(token));
                     conn.flags |= flag::FAILED;
                     return;
                 }
@@ -644,7 +698,10 @@ impl<P: Protocol> EventLoop<P> {
         }
         if conn.has(flag::OVERFLOW) {
             self.stats.dropped_slow += 1;
-            log::warn!("[{token:?}] slow consumer: output passed --max-buffer, disconnecting");
+            log::warn!(
+                "[{}] slow consumer: output passed --max-buffer, disconnecting",
+                Show(token)
+            );
             return self.close(key, "slow consumer");
         }
         if conn.phase == Phase::Draining && conn.queued() == 0 {
@@ -680,9 +737,12 @@ impl<P: Protocol> EventLoop<P> {
                     .registry()
                     .reregister(&mut conn.stream, token, want)
                 {
-                    Ok(()) => conn.set_registered(want),
+                    Ok(()) => {
+                        log::trace!("[{}] interest now {want:?}", Show(token));
+                        conn.set_registered(want);
+                    }
                     Err(e) => {
-                        log::debug!("[{token:?}] reregister failed: {e}");
+                        log::debug!("[{}] reregister failed: {e}", Show(token));
                         self.close(key, "error");
                     }
                 }
@@ -698,12 +758,12 @@ impl<P: Protocol> EventLoop<P> {
         // key may be handed to the next accept at once, and epoll must not
         // keep anything of the old socket under it.
         if let Err(e) = self.poll.registry().deregister(&mut self.conns[key].stream) {
-            log::debug!("[{token:?}] deregister failed: {e}");
+            log::debug!("[{}] deregister failed: {e}", Show(token));
         }
         let conn = self.conns.remove(key);
         self.stats.active -= 1;
         self.stats.closed += 1;
-        log::debug!("[{token:?}] closed ({why})");
+        log::debug!("[{}] closed ({why})", Show(token));
         let mut outbox = GoneOutbox {
             token,
             broadcasts: &mut self.broadcasts,

@@ -37,6 +37,22 @@ impl Server {
         )
     }
 
+    /// The same, pinned to one CPU with taskset (for measurements).
+    pub fn start_pinned(cpu: u32, args: &[&str]) -> Server {
+        Self::spawn(
+            Command::new("taskset")
+                .args([
+                    "-c",
+                    &cpu.to_string(),
+                    bin(),
+                    "serve",
+                    "--addr",
+                    "127.0.0.1:0",
+                ])
+                .args(args),
+        )
+    }
+
     /// The same, under a lower soft open-file limit.
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Server {
         let script = format!("ulimit -n {limit}; exec \"$0\" serve --addr 127.0.0.1:0 \"$@\"");

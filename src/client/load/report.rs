@@ -122,6 +122,14 @@ impl Tally {
         }
     }
 
+    /// Counts one failure whose description goes before the others: the
+    /// one that explains them.
+    pub fn fail_first(&mut self, kind: Failure, what: String) {
+        self.errors[kind as usize] += 1;
+        self.examples.insert(0, what);
+        self.examples.truncate(EXAMPLES);
+    }
+
     /// The count for one kind of failure.
     pub fn count(&self, kind: Failure) -> u64 {
         self.errors[kind as usize]
@@ -312,8 +320,8 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "              {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "p50", "p90", "p99", "p99.9", "max"
+            "{:14} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "", "p50", "p90", "p99", "p99.9", "max"
         );
         for (name, h) in [
             ("latency µs", &t.latency),
@@ -324,7 +332,7 @@ impl Report {
             }
             let _ = write!(s, "{name:<14}");
             for q in QUANTILES {
-                let _ = write!(s, "{:>9.1}", quantile_us(h, q.1));
+                let _ = write!(s, " {:>10.1}", quantile_us(h, q.1));
             }
             let _ = writeln!(s);
         }

@@ -101,6 +101,8 @@ pub struct Worker {
     started: Instant,
     measure_start: Instant,
     stop_opening: bool,
+    /// When a connection last completed its handshake (or the run began).
+    last_open: Instant,
     tally: Tally,
     scratch: Vec<u8>,
     /// Messages completed, warm-up included (for the progress line).
@@ -148,6 +150,7 @@ impl Worker {
             started: now,
             measure_start: now,
             stop_opening: false,
+            last_open: now,
             tally: Tally::default(),
             scratch: vec![0; SCRATCH],
             completions: 0,
@@ -259,6 +262,28 @@ impl Worker {
                 self.send(key, 1, now);
             }
         }
+    }
+
+    /// A connect timed out and none completed while it waited: the server
+    /// has stopped accepting (its backlog is full and SYNs are dropped).
+    /// Trying the rest one window at a time would take about
+    /// timeout x remaining / window, so stop opening and say why.
+    fn stalled(&mut self) {
+        if self.phase != Phase::Opening || self.stop_opening {
+            return;
+        }
+        self.stop_opening = true;
+        let (left, opened) = (self.to_open.len() as u64, self.tally.opened);
+        self.tally.not_opened += left;
+        self.to_open.clear();
+        let secs = self.plan.timeout.as_secs_f64();
+        self.tally.fail_first(
+            Failure::Timeout,
+            format!(
+                "no connect completed for {secs} s after {opened} opened on this thread: \
+                 the server stopped accepting; {left} connections were not tried"
+            ),
+        );
     }
 
     /// Moves to the next phase when this one is over; true when done.
@@ -446,6 +471,7 @@ impl Worker {
         let since = conn.connecting.take().expect("was connecting");
         self.connecting -= 1;
         self.tally.opened += 1;
+        self.last_open = now;
         let measuring = self.plan.workload != Workload::Churn || self.phase == Phase::Measure;
         if measuring {
             record(&mut self.tally.connect_latency, now - since);
@@ -655,15 +681,22 @@ impl Worker {
     /// Checks the connects and replies in progress against `--timeout`.
     fn sweep(&mut self, now: Instant) {
         let limit = self.plan.timeout;
+        let mut stalled = false;
         let late: Vec<(usize, bool)> = self
             .conns
             .iter()
             .filter_map(|(k, c)| match (c.connecting, c.inflight.front()) {
-                (Some(t), _) if now - t > limit => Some((k, true)),
+                (Some(t), _) if now - t > limit => {
+                    stalled |= self.last_open <= t;
+                    Some((k, true))
+                }
                 (None, Some(&t)) if now.saturating_duration_since(t) > limit => Some((k, false)),
                 _ => None,
             })
             .collect();
+        if stalled {
+            self.stalled();
+        }
         for (key, connecting) in late {
             self.time_out(key, connecting);
         }

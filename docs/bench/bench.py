@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Benchmarks behind docs/benchmarks.md and docs/threads-vs-reactor.md.
+
+Runs reactor (the poll loop), reactor --engine threads (one thread per
+client) and the C reference (../shared/reference/epoll_echo.c) side by side
+on loopback: the server pinned to core 0 with taskset, `reactor load` pinned
+to core 1. Every figure is the median of --reps runs, and servers are
+interleaved within each repetition, so they meet the same machine.
+
+    cargo build --release
+    gcc -O2 -o /tmp/epoll_echo ../shared/reference/epoll_echo.c
+    python3 docs/bench/bench.py --reps 3 --out docs/bench/results.json
+    python3 docs/bench/charts.py docs/bench/results.json docs/
+
+Needs Linux, python3, taskset, and perf (for system-call counts; skipped
+when missing). Only ever talks to 127.0.0.1.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REACTOR = os.path.join(ROOT, "target", "release", "reactor")
+TICK = os.sysconf("SC_CLK_TCK")
+SERVER_CORE, LOAD_CORE = "0", "1"
+
+
+def server_cmd(kind, port, extra=()):
+    addr = ["--addr", f"127.0.0.1:{port}"]
+    if kind == "reactor":
+        return [REACTOR, "serve", "--log-level", "warn", *addr, *extra]
+    if kind == "threads":
+        return [REACTOR, "serve", "--engine", "threads", "--log-level", "warn", *addr, *extra]
+    if kind == "c-ref":
+        return [ARGS.c_ref, *addr]
+    raise ValueError(kind)
+
+
+class Server:
+    """A server pinned to SERVER_CORE, stopped on exit."""
+
+    def __init__(self, kind, port, extra=()):
+        cmd = ["taskset", "-c", SERVER_CORE, *server_cmd(kind, port, extra)]
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.p.stdout.readline()
+        if not line.startswith("listening on"):
+            raise RuntimeError(f"{kind} did not start: {line!r}")
+        self.pid = self.p.pid
+        self.port = port
+
+    def cpu(self):
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def rss_kib(self):
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.p.terminate()
+        try:
+            self.p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+def load(port, args, during=None):
+    """Runs `reactor load` on LOAD_CORE; `during(elapsed)` is called meanwhile."""
+    cmd = ["taskset", "-c", LOAD_CORE, REACTOR, "load", f"127.0.0.1:{port}", "--json", *map(str, args)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if during:
+        during(p)
+    out, _ = p.communicate(timeout=600)
+    return json.loads(out)
+
+
+def window(server, start, length, perf_events=None):
+    """Measures server CPU (and syscalls) from `start` s after now for `length` s."""
+    result = {}
+
+    def run():
+        time.sleep(start)
+        c0 = server.cpu()
+        t0 = time.monotonic()
+        if perf_events:
+            r = subprocess.run(
+                ["perf", "stat", "-x,", "-e", ",".join(perf_events), "-p", str(server.pid),
+                 "--", "sleep", str(length)],
+                capture_output=True, text=True)
+            for line in r.stderr.splitlines():
+                parts = line.split(",")
+                if len(parts) > 3 and parts[0].strip().isdigit():
+                    result[parts[2]] = int(parts[0])
+        else:
+            time.sleep(length)
+        result["cpu_s"] = server.cpu() - c0
+        result["secs"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+PORTS = iter(range(15100, 16000))
+
+SYSCALLS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_ctl",
+            "syscalls:sys_enter_read", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_write",
+            "syscalls:sys_enter_sendto", "syscalls:sys_enter_writev"]
+
+
+def echo_run(kind, conns, pipeline, perf=False):
+    warmup, duration = 2, 6
+    with Server(kind, next(PORTS)) as s:
+        port = s.port
+        # The window starts after the ramp-up and the warm-up, and ends
+        # before the measured period does.
+        holder = {}
+
+        def during(p):
+            holder["t"], holder["r"] = window(s, warmup + 1.0, duration - 2.0,
+                                              SYSCALLS if perf else None)
+
+        v = load(port, ["-c", conns, "--pipeline", pipeline, "-s", 64, "-d", duration,
+                        "--warmup", warmup, "--timeout", 30], during)
+        holder["t"].join()
+        w = holder["r"]
+    msgs = v["msgs_per_sec"] * w["secs"]
+    row = {"server": kind, "connections": conns, "pipeline": pipeline, "ok": v["ok"],
+           "msgs_per_sec": v["msgs_per_sec"], "p50_us": v["latency_us"]["p50"],
+           "p99_us": v["latency_us"]["p99"],
+           "cpu_ns_per_msg": 1e9 * w["cpu_s"] / msgs if msgs else None,
+           "server_cpu_util": w["cpu_s"] / w["secs"]}
+    if perf:
+        row["syscalls_per_msg"] = {k.split(":")[1].replace("sys_enter_", ""): round(n / msgs, 3)
+                                   for k, n in w.items() if ":" in k}
+    return row
+
+
+def hold_run(kind, conns):
+    with Server(kind, next(PORTS)) as s:
+        time.sleep(0.3)
+        before = s.rss_kib()
+        peak = [before]
+
+        def during(p):
+            while p.poll() is None:
+                peak[0] = max(peak[0], s.rss_kib())
+                time.sleep(0.1)
+
+        hold = max(4, conns // 2000)
+        v = load(s.port, ["--workload", "hold", "-c", conns, "-d", hold,
+                                           "--timeout", 20], during)
+    return {"server": kind, "connections": conns, "ok": v["ok"], "survived": v["survived"],
+            "open_secs": v["open_secs"], "rss_before_kib": before, "rss_peak_kib": peak[0],
+            "bytes_per_conn": round((peak[0] - before) * 1024 / conns, 1)}
+
+
+def churn_run(kind):
+    with Server(kind, next(PORTS)) as s:
+        v = load(s.port, ["--workload", "churn", "-c", 32, "-d", 5,
+                                           "--warmup", 1])
+    return {"server": kind, "ok": v["ok"], "connections_per_sec": v["connections_per_sec"],
+            "connect_p99_us": v["connect_latency_us"]["p99"]}
+
+
+def median_rows(rows, keys):
+    """Groups rows by `keys` and takes the median of every number."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        m = dict(zip(keys, key))
+        m["runs"] = len(rs)
+        m["ok"] = all(r["ok"] for r in rs)
+        for field in rs[0]:
+            vals = [r[field] for r in rs if isinstance(r.get(field), (int, float))
+                    and not isinstance(r.get(field), bool)]
+            if field not in keys and vals:
+                m[field] = round(statistics.median(vals), 3)
+        for field in rs[0]:
+            if isinstance(rs[0][field], dict):
+                m[field] = rs[0][field]
+        out.append(m)
+    return out
+
+
+def main():
+    global ARGS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--c-ref", default="/tmp/epoll_echo")
+    ap.add_argument("--out", default="docs/bench/results.json")
+    ap.add_argument("--only", default="echo,syscalls,hold,churn",
+                    help="comma-separated parts to run")
+    ap.add_argument("--servers", default="reactor,c-ref,threads")
+    ap.add_argument("--hold-reps", type=int, default=None)
+    ARGS = ap.parse_args()
+    servers = ARGS.servers.split(",")
+    only = ARGS.only.split(",")
+    results = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release},
+               "date": time.strftime("%Y-%m-%d")}
+    if os.path.exists(ARGS.out):
+        with open(ARGS.out) as f:
+            results.update(json.load(f))
+
+    def save():
+        with open(ARGS.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+    if "echo" in only:
+        rows = []
+        for rep in range(ARGS.reps):
+            for conns in (1, 100, 1000, 10000):
+                for pipeline in (1, 16):
+                    for kind in servers:
+                        r = echo_run(kind, conns, pipeline)
+                        print(rep, r, flush=True)
+                        rows.append(r)
+        results["echo"] = median_rows(rows, ["server", "connections", "pipeline"])
+        save()
+    if "syscalls" in only and shutil.which("perf"):
+        rows = []
+        for pipeline in (1, 16):
+            for kind in servers:
+                r = echo_run(kind, 1000, pipeline, perf=True)
+                print(r, flush=True)
+                rows.append(r)
+        results["syscalls"] = rows
+        save()
+    if "hold" in only:
+        rows = []
+        for rep in range(ARGS.hold_reps or ARGS.reps):
+            for conns in (1000, 10000, 19900):
+                for kind in servers:
+                    if kind == "threads" and conns > 10000:
+                        # Two descriptors per client (reader and writer
+                        # handles): 19,900 clients cannot fit in 20,000.
+                        continue
+                    r = hold_run(kind, conns)
+                    print(rep, r, flush=True)
+                    rows.append(r)
+        results["hold"] = median_rows(rows, ["server", "connections"])
+        save()
+    if "churn" in only:
+        rows = []
+        for rep in range(ARGS.reps):
+            for kind in servers:
+                r = churn_run(kind)
+                print(rep, r, flush=True)
+                rows.append(r)
+        results["churn"] = median_rows(rows, ["server"])
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
