@@ -37,6 +37,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -568,6 +569,10 @@ impl<P: Protocol> EventLoop<P> {
 
     fn on_writable(&mut self, key: usize) {
         let conn = &mut self.conns[key];
+        if conn.out.is_none() {
+            // Nothing queued: most writes went out from the read path.
+            return;
+        }
         match conn.flush(WRITE_BUDGET, &mut self.stats) {
             // Less than the budget went out: the flush stopped on
             // `WouldBlock` (or emptied the queue), and the kernel raises
@@ -785,22 +790,30 @@ impl<P: Protocol> EventLoop<P> {
                 // nothing new.
                 continue;
             }
-            for b in &batch {
-                for (key, conn) in self.conns.iter_mut() {
-                    let token = conn_token(key, conn.generation);
-                    if (b.to == Audience::Others && token == b.from)
-                        || conn.phase != Phase::Open
-                        || conn.has(flag::FAILED | flag::OVERFLOW)
-                    {
-                        continue;
-                    }
-                    let before = conn.queued();
-                    conn.send_shared(&b.chunk, self.config.max_buffer, &mut self.stats);
-                    if conn.has(flag::FAILED | flag::OVERFLOW) {
-                        self.doomed.push(token);
-                    } else if before == 0 && conn.queued() > 0 {
-                        self.touched.push(token);
-                    }
+            // Recipient by recipient, every chunk of the batch meant for
+            // it in one go: one vectored write each, not one per line.
+            let mut mine: Vec<&Rc<[u8]>> = Vec::with_capacity(batch.len());
+            for (key, conn) in self.conns.iter_mut() {
+                let token = conn_token(key, conn.generation);
+                if conn.phase != Phase::Open || conn.has(flag::FAILED | flag::OVERFLOW) {
+                    continue;
+                }
+                mine.clear();
+                mine.extend(
+                    batch
+                        .iter()
+                        .filter(|b| !(b.to == Audience::Others && token == b.from))
+                        .map(|b| &b.chunk),
+                );
+                if mine.is_empty() {
+                    continue;
+                }
+                let before = conn.queued();
+                conn.send_shared_batch(&mine, self.config.max_buffer, &mut self.stats);
+                if conn.has(flag::FAILED | flag::OVERFLOW) {
+                    self.doomed.push(token);
+                } else if before == 0 && conn.queued() > 0 {
+                    self.touched.push(token);
                 }
             }
             // Closing a doomed client broadcasts its `left` line, which
