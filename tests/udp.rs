@@ -186,3 +186,37 @@ fn load_over_udp_with_nobody_there_fails() {
     assert_eq!(out.status.code(), Some(1), "{v}");
     assert!(v["errors"]["total"].as_u64().unwrap() > 0, "{v}");
 }
+
+#[test]
+fn a_deep_udp_pipeline_keeps_every_socket_served() {
+    // 200 sockets x 64 datagrams in flight: replies come back as fast as
+    // they are answered, and one socket could keep the loop to itself.
+    // Each must get its turn, and the run must measure, not stall.
+    let (_server, addr) = udp_server(&[]);
+    let out = run_bounded(
+        &[
+            "load",
+            "--udp",
+            &addr.to_string(),
+            "-c",
+            "200",
+            "--pipeline",
+            "64",
+            "-s",
+            "1400",
+            "-d",
+            "1",
+            "--warmup",
+            "0.3",
+            "--json",
+        ],
+        b"",
+        Duration::from_secs(120),
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert!(v["messages"].as_u64().unwrap() > 1000, "{v}");
+    let secs = v["measured_secs"].as_f64().unwrap();
+    assert!((0.9..=1.1).contains(&secs), "{v}");
+    assert_eq!(v["errors"]["total"], 0);
+}

@@ -246,7 +246,7 @@ def main():
     if "hold" in only:
         rows = []
         for rep in range(ARGS.hold_reps or ARGS.reps):
-            for conns in (1000, 10000, 19900):
+            for conns in (100, 1000, 10000, 19900):
                 for kind in servers:
                     if kind == "threads" and conns > 10000:
                         # Two descriptors per client (reader and writer

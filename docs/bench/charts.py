@@ -16,7 +16,7 @@ LABELS = {"reactor": "reactor (poll loop)", "c-ref": "C epoll reference", "threa
 
 def line_chart(path, title, xlabel, ylabel, series, log_y=False):
     """series: {name: [(x, y), ...]}; x on a log scale (connection counts)."""
-    w, h, left, right, top, bottom = 640, 380, 80, 190, 40, 50
+    w, h, left, right, top, bottom = 760, 380, 80, 270, 40, 50
     xs = sorted({x for pts in series.values() for x, _ in pts})
     ys = [y for pts in series.values() for _, y in pts if y is not None and y > 0]
     x0, x1 = math.log10(min(xs)), math.log10(max(xs))
@@ -66,7 +66,7 @@ def line_chart(path, title, xlabel, ylabel, series, log_y=False):
         ly = top + 10 + i * 18
         out.append(f'<line x1="{w - right + 12}" y1="{ly}" x2="{w - right + 36}" y2="{ly}" '
                    f'stroke="{color}" stroke-width="2"{dash}/>')
-        label = LABELS.get(name.split(" ")[0], name) + (" " + name.split(" ", 1)[1] if " " in name else "")
+        label = LABELS.get(name.split(" ")[0], name) + (", " + name.split(" ", 1)[1] if " " in name else "")
         out.append(f'<text x="{w - right + 40}" y="{ly + 4}">{label}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
@@ -93,7 +93,7 @@ def main():
         v.sort()
     if series:
         line_chart(f"{outdir}/throughput.svg", "Echo throughput, 64-byte messages",
-                   "connections", "messages per second", series)
+                   "connections", "messages per second (log)", series, log_y=True)
     hold = results.get("hold", [])
     mem = {}
     for r in hold:

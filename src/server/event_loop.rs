@@ -623,8 +623,10 @@ impl<P: Protocol> EventLoop<P> {
                 .as_ref()
                 .map_or(self.config.max_buffer, |q| q.space());
             if space == 0 {
+                if !conn.has(flag::PAUSED) {
+                    log::debug!("[{}] output full: reading paused", Show(token));
+                }
                 conn.flags |= flag::PAUSED;
-                log::debug!("[{}] output full: reading paused", Show(token));
                 return;
             }
             let want = space.min(self.scratch.len()).min(budget);

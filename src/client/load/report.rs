@@ -403,15 +403,17 @@ fn describe(settings: &Value) -> String {
         (_, Value::String(a)) => format!("udp {a}"),
         _ => get("addr").as_str().unwrap_or("?").to_string(),
     };
+    let workload = get("workload").as_str().unwrap_or("?").to_string();
+    let time = if workload == "hold" {
+        format!("held {} s", get("duration"))
+    } else {
+        format!("{} s (+{} s warm-up)", get("duration"), get("warmup"))
+    };
     format!(
-        "{} against {}, {} connections, {} B messages, pipeline {}, {} s (+{} s warm-up), {} thread(s)",
-        get("workload").as_str().unwrap_or("?"),
-        target,
+        "{workload} against {target}, {} connections, {} B messages, pipeline {}, {time}, {} thread(s)",
         get("connections"),
         get("size"),
         get("pipeline"),
-        get("duration"),
-        get("warmup"),
         get("threads"),
     )
 }

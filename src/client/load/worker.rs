@@ -31,6 +31,11 @@ const MAX_CONNECTING: usize = 512;
 const SWEEP: Duration = Duration::from_millis(100);
 /// Read buffer, shared by every connection of the loop.
 const SCRATCH: usize = 64 * 1024;
+/// Bytes read from one connection per turn. Each reply is answered with a
+/// new message at once, so against a fast server one connection could stay
+/// readable forever and starve the rest; past the budget it waits on the
+/// ready list (no new edge would say it is still readable).
+const READ_BUDGET: usize = 4 * SCRATCH;
 
 /// Where the connections go.
 #[derive(Debug, Clone)]
@@ -94,6 +99,9 @@ pub struct Worker {
     /// Source addresses, used in turn.
     sources: Vec<IpAddr>,
     next_source: usize,
+    /// Connections whose read budget ran out while still readable. A
+    /// stale key (closed and reused since) just gets a harmless extra read.
+    again: Vec<usize>,
     /// `--rate`: when each connection's next message is due.
     due: BinaryHeap<Reverse<(Instant, usize)>>,
     phase: Phase,
@@ -141,6 +149,7 @@ impl Worker {
             next_connect: now,
             connect_gap,
             due: BinaryHeap::new(),
+            again: Vec::new(),
             phase: if plan.workload == Workload::Churn {
                 Phase::Warmup
             } else {
@@ -193,6 +202,11 @@ impl Worker {
                     self.on_readable(key);
                 }
             }
+            for key in std::mem::take(&mut self.again) {
+                if self.conns.contains(key) {
+                    self.on_readable(key);
+                }
+            }
             let now = Instant::now();
             self.send_due(now);
             if now.duration_since(last_sweep) >= SWEEP {
@@ -212,6 +226,9 @@ impl Worker {
     }
 
     fn poll_timeout(&self, now: Instant, last_sweep: Instant) -> Duration {
+        if !self.again.is_empty() {
+            return Duration::ZERO;
+        }
         let mut at = last_sweep + SWEEP;
         if let Some(end) = self.phase_end {
             at = at.min(end);
@@ -603,7 +620,12 @@ impl Worker {
             // (checked first) has already dealt with it.
             return;
         }
+        let mut budget = READ_BUDGET;
         loop {
+            if budget == 0 {
+                self.again.push(key);
+                return;
+            }
             let conn = &mut self.conns[key];
             let n = match (&conn.stream).read(&mut self.scratch) {
                 Ok(0) => {
@@ -622,6 +644,7 @@ impl Worker {
                     return self.lose(key, Failure::Closed, format!("connection {id}: {e}"));
                 }
             };
+            budget = budget.saturating_sub(n);
             let id = conn.id;
             let completed = match conn.check.feed(id, self.plan.size, &self.scratch[..n]) {
                 Ok(c) => c,
