@@ -234,6 +234,13 @@ impl Worker {
             at = at.min(end);
         }
         if let Some(Reverse((due, _))) = self.due.peek() {
+            // epoll_wait counts in milliseconds (mio rounds up), so a
+            // message due sooner than that would go out up to 1 ms late,
+            // and `--rate` latency, counted from the due time, would show
+            // the timer's slop. Spin instead for that last millisecond.
+            if due.saturating_duration_since(now) < Duration::from_millis(1) {
+                return Duration::ZERO;
+            }
             at = at.min(*due);
         }
         if !self.connect_gap.is_zero() && !self.to_open.is_empty() && self.may_open() {
