@@ -62,6 +62,25 @@ pub struct OutQueue {
 
 impl OutQueue {
     /// An empty queue that holds at most `limit` bytes.
+    ///
+    /// ```
+    /// use std::rc::Rc;
+    /// use reactor::buffer::OutQueue;
+    ///
+    /// let mut q = OutQueue::new(16);
+    /// q.push(b"hello ").unwrap();
+    /// // A broadcast chunk is queued by reference, not copied.
+    /// let shared: Rc<[u8]> = Rc::from(&b"world"[..]);
+    /// q.push_shared(shared.clone(), 0).unwrap();
+    /// assert_eq!(Rc::strong_count(&shared), 2);
+    /// // Past the limit, a push is refused whole.
+    /// assert!(q.push(b"way too much text").is_err());
+    /// // Any `Write` will do as the socket; a Vec takes everything.
+    /// let mut socket = Vec::new();
+    /// q.write_to(&mut socket, usize::MAX).unwrap();
+    /// assert_eq!(socket, b"hello world");
+    /// assert!(q.is_empty());
+    /// ```
     pub fn new(limit: usize) -> Self {
         OutQueue {
             chunks: VecDeque::new(),

@@ -15,6 +15,21 @@ use memchr::memchr;
 pub struct TooLong;
 
 /// Cuts a byte stream into lines of at most `max` bytes each.
+///
+/// ```
+/// use reactor::protocol::lines::{LineSplitter, TooLong};
+///
+/// let mut splitter = LineSplitter::default();
+/// let mut lines = Vec::new();
+/// // A read may end in the middle of a line...
+/// splitter.push(b"hello\r\nwor", 16, |l| lines.push(l.to_vec())).unwrap();
+/// assert_eq!(splitter.pending(), 3);
+/// // ...and the next read completes it.
+/// splitter.push(b"ld\n", 16, |l| lines.push(l.to_vec())).unwrap();
+/// assert_eq!(lines, [b"hello".to_vec(), b"world".to_vec()]);
+/// // Past the limit the stream is refused, however it is cut.
+/// assert_eq!(splitter.push(&[b'x'; 100], 16, |_| {}), Err(TooLong));
+/// ```
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     partial: Vec<u8>,

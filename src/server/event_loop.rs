@@ -18,10 +18,10 @@
 //!
 //! # Tokens
 //! A connection's token carries its slab key in the low 32 bits and a
-//! generation in the high bits (see [`conn_token`]). A connection closed
+//! generation in the high bits (see `conn_token`). A connection closed
 //! while handling one event of a batch frees its key, and an accept later
 //! in the same batch may reuse it; a later event of the batch still
-//! carries the old generation, so [`EventLoop::live`] ignores it instead
+//! carries the old generation, so `EventLoop::live` ignores it instead
 //! of handing it to the new connection. The same check makes stale ready
 //! list entries and timer entries harmless.
 //!

@@ -62,6 +62,23 @@ impl std::fmt::Display for Mismatch {
 }
 
 /// Checks a reply stream as it arrives, message by message.
+///
+/// ```
+/// use reactor::client::load::message::{append, Checker};
+///
+/// let mut sent = Vec::new();
+/// append(&mut sent, 7, 0, 64);
+/// append(&mut sent, 7, 1, 64);
+/// let mut check = Checker::default();
+/// // The echo may come back in any pieces.
+/// assert_eq!(check.feed(7, 64, &sent[..100]).unwrap(), 1);
+/// assert_eq!(check.feed(7, 64, &sent[100..]).unwrap(), 1);
+/// // One changed byte is found, and named.
+/// let mut bad = sent.clone();
+/// bad[70] ^= 1;
+/// let err = Checker::default().feed(7, 64, &bad).unwrap_err();
+/// assert_eq!((err.seq, err.offset), (1, 6));
+/// ```
 #[derive(Debug, Default)]
 pub struct Checker {
     /// The message being received.

@@ -77,7 +77,7 @@ pub struct Tally {
     pub latency: Histogram<u64>,
     /// Time from `connect` to established (ns).
     pub connect_latency: Histogram<u64>,
-    /// Failure counts, indexed like [`Failure::ALL`].
+    /// Failure counts, one per [`Failure`] kind, in declaration order.
     pub errors: [u64; 6],
     /// A few failures, described.
     pub examples: Vec<String>,
