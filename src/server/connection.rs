@@ -219,14 +219,23 @@ impl<S> Connection<S> {
     }
 }
 
+/// Writes as much of `bytes` as the socket takes now. `WouldBlock` ends
+/// the attempt with the count so far (the caller queues the rest and asks
+/// for `WRITABLE`); `Interrupted` is retried.
+pub fn write_now(stream: &Stream, bytes: &[u8], stats: &mut Stats) -> io::Result<usize> {
+    let mut w = stream;
+    let done = write_until_blocked(bytes.len(), |done| w.write(&bytes[done..]))?;
+    stats.bytes_out += done as u64;
+    Ok(done)
+}
+
 /// Writes as much of `chunks` (in order) as the socket takes now, with
-/// vectored writes of up to [`IOV_BATCH`] chunks each. Like [`write_now`],
-/// `WouldBlock` ends it with the count so far.
+/// vectored writes of up to [`IOV_BATCH`] chunks each; otherwise like
+/// [`write_now`].
 fn write_chunks_now(stream: &Stream, chunks: &[&Rc<[u8]>], stats: &mut Stats) -> io::Result<usize> {
     let total: usize = chunks.iter().map(|c| c.len()).sum();
-    let mut done = 0;
     let mut w = stream;
-    while done < total {
+    let done = write_until_blocked(total, |done| {
         let mut slices = [IoSlice::new(&[]); IOV_BATCH];
         let mut count = 0;
         let mut skip = done;
@@ -242,14 +251,8 @@ fn write_chunks_now(stream: &Stream, chunks: &[&Rc<[u8]>], stats: &mut Stats) ->
                 break;
             }
         }
-        match w.write_vectored(&slices[..count]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
+        w.write_vectored(&slices[..count])
+    })?;
     stats.bytes_out += done as u64;
     Ok(done)
 }
@@ -257,14 +260,17 @@ fn write_chunks_now(stream: &Stream, chunks: &[&Rc<[u8]>], stats: &mut Stats) ->
 /// Most chunks in one vectored write of a broadcast batch.
 const IOV_BATCH: usize = 256;
 
-/// Writes as much of `bytes` as the socket takes now. `WouldBlock` ends
-/// the attempt with the count so far (the caller queues the rest and asks
-/// for `WRITABLE`); `Interrupted` is retried.
-pub fn write_now(stream: &Stream, bytes: &[u8], stats: &mut Stats) -> io::Result<usize> {
+/// The write loop of a non-blocking socket, in one place: `write(done)`
+/// writes from byte `done` on; short writes go round again, `Interrupted`
+/// is retried, `WouldBlock` stops with the count so far, `Ok(0)` and any
+/// other error are errors.
+fn write_until_blocked(
+    total: usize,
+    mut write: impl FnMut(usize) -> io::Result<usize>,
+) -> io::Result<usize> {
     let mut done = 0;
-    let mut w = stream;
-    while done < bytes.len() {
-        match w.write(&bytes[done..]) {
+    while done < total {
+        match write(done) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -272,7 +278,6 @@ pub fn write_now(stream: &Stream, bytes: &[u8], stats: &mut Stats) -> io::Result
             Err(e) => return Err(e),
         }
     }
-    stats.bytes_out += done as u64;
     Ok(done)
 }
 
