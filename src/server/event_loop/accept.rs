@@ -20,13 +20,15 @@ impl<P: Protocol> EventLoop<P> {
                 },
             };
             match accepted {
-                Ok(stream) => {
-                    self.emfile_logged = false;
-                    self.open(stream)?;
-                }
+                Ok(stream) => self.open(stream)?,
                 // Drained: the next connection raises a new edge.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     log::trace!("[{}] accept: WouldBlock, drained", Show(token));
+                    // Nobody is left waiting: any shortage of descriptors
+                    // is over. (While clients still wait, each close lets
+                    // one more in and the limit is hit again at once; that
+                    // is one episode, not one warning per close.)
+                    self.emfile_logged = false;
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -174,7 +174,8 @@ pub struct EventLoop<P: Protocol> {
     config: Config,
     max_connections: usize,
     accepting: Accepting,
-    /// The episode of descriptor exhaustion was already logged.
+    /// The current episode of descriptor exhaustion was logged; it ends
+    /// when an accept finds the backlog empty.
     emfile_logged: bool,
     /// Listener tokens already on the ready list.
     listener_ready: [bool; 3],
