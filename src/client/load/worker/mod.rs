@@ -1,0 +1,368 @@
+//! One load-generating poll loop over stream connections (TCP or Unix).
+//!
+//! The client side of a reactor: a `Poll`, a `Slab` of connections keyed
+//! by `Token`, non-blocking connects that complete on a writable event,
+//! and reads drained until `WouldBlock`. Each loop runs the whole
+//! workload for its share of the connections and returns a [`Tally`].
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::message::{self, Checker};
+use super::report::{record, Failure, Tally};
+use super::{Plan, Progress, Workload};
+use crate::server::stream::Stream;
+
+mod connect;
+mod traffic;
+
+/// At most this many connects in progress per loop. A storm of SYNs all
+/// at once overflows the server's accept queue and turns into 1-second
+/// SYN retransmits; a window keeps opening fast and steady.
+const MAX_CONNECTING: usize = 512;
+/// How often timeouts are checked.
+const SWEEP: Duration = Duration::from_millis(100);
+/// Read buffer, shared by every connection of the loop.
+const SCRATCH: usize = 64 * 1024;
+/// Bytes read from one connection per turn. Each reply is answered with a
+/// new message at once, so against a fast server one connection could stay
+/// readable forever and starve the rest; past the budget it waits on the
+/// ready list (no new edge would say it is still readable).
+const READ_BUDGET: usize = 4 * SCRATCH;
+
+/// Where the connections go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix-domain stream socket.
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Opening connections (echo and hold).
+    Opening,
+    /// Running, not yet counted.
+    Warmup,
+    /// Counting.
+    Measure,
+    /// hold: connections open and idle.
+    Hold,
+    /// hold: the round trip after the hold.
+    Recheck,
+    /// No new messages or connections; waiting for what is in flight.
+    Drain,
+}
+
+struct Conn {
+    stream: Stream,
+    id: u32,
+    connecting: Option<Instant>,
+    /// Bytes not yet written.
+    out: Vec<u8>,
+    written: usize,
+    /// Next message to send, and how many may be sent in all so far.
+    next_seq: u32,
+    check: Checker,
+    /// When each message in flight was sent (or was due, with `--rate`).
+    inflight: VecDeque<Instant>,
+    /// `WRITABLE` is in the registered interest.
+    writable: bool,
+}
+
+/// One loop's share of the work.
+pub struct Worker {
+    plan: Arc<Plan>,
+    progress: Arc<Progress>,
+    poll: Poll,
+    conns: Slab<Conn>,
+    /// Connection ids still to open.
+    to_open: VecDeque<u32>,
+    /// churn: the id the next new connection gets, the step between a
+    /// loop's ids, and how many connections it keeps going at once.
+    next_id: u32,
+    id_step: u32,
+    slots: usize,
+    connecting: usize,
+    /// Earliest time the next connect may start (`--connect-rate`).
+    next_connect: Instant,
+    /// Seconds between connects for this loop; zero when unpaced.
+    connect_gap: Duration,
+    /// Source addresses, used in turn.
+    sources: Vec<IpAddr>,
+    next_source: usize,
+    /// Connections whose read budget ran out while still readable. A
+    /// stale key (closed and reused since) just gets a harmless extra read.
+    again: Vec<usize>,
+    /// `--rate`: when each connection's next message is due.
+    due: BinaryHeap<Reverse<(Instant, usize)>>,
+    phase: Phase,
+    phase_end: Option<Instant>,
+    started: Instant,
+    measure_start: Instant,
+    stop_opening: bool,
+    /// When a connection last completed its handshake (or the run began).
+    last_open: Instant,
+    tally: Tally,
+    scratch: Vec<u8>,
+    /// Messages completed, warm-up included (for the progress line).
+    completions: u64,
+    reported_messages: u64,
+    reported_opened: u64,
+}
+
+impl Worker {
+    /// A loop that will open the connections `ids`.
+    pub fn new(
+        plan: Arc<Plan>,
+        progress: Arc<Progress>,
+        ids: Vec<u32>,
+        share: f64,
+    ) -> io::Result<Worker> {
+        let now = Instant::now();
+        let connect_gap = if plan.connect_rate > 0.0 {
+            Duration::from_secs_f64(1.0 / (plan.connect_rate * share))
+        } else {
+            Duration::ZERO
+        };
+        let next_id = ids.first().copied().unwrap_or(0);
+        let id_step = (1.0 / share).round().max(1.0) as u32;
+        let slots = ids.len();
+        Ok(Worker {
+            sources: plan.source_ips.clone(),
+            next_source: ids.first().map_or(0, |&i| i as usize),
+            poll: Poll::new()?,
+            conns: Slab::with_capacity(ids.len()),
+            to_open: ids.into(),
+            next_id,
+            id_step,
+            slots,
+            connecting: 0,
+            next_connect: now,
+            connect_gap,
+            due: BinaryHeap::new(),
+            again: Vec::new(),
+            phase: if plan.workload == Workload::Churn {
+                Phase::Warmup
+            } else {
+                Phase::Opening
+            },
+            phase_end: None,
+            started: now,
+            measure_start: now,
+            stop_opening: false,
+            last_open: now,
+            tally: Tally::default(),
+            scratch: vec![0; SCRATCH],
+            completions: 0,
+            reported_messages: 0,
+            reported_opened: 0,
+            plan,
+            progress,
+        })
+    }
+
+    /// Runs the workload to the end.
+    pub fn run(mut self) -> Tally {
+        if self.phase == Phase::Warmup {
+            self.enter(Phase::Warmup, Instant::now());
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut last_sweep = Instant::now();
+        loop {
+            let now = Instant::now();
+            self.open_more(now);
+            let timeout = self.poll_timeout(now, last_sweep);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.tally
+                        .fail(Failure::Closed, || format!("poll failed: {e}"));
+                    break;
+                }
+            }
+            for event in events.iter() {
+                let key = event.token().0;
+                if !self.conns.contains(key) {
+                    continue; // closed earlier in this batch
+                }
+                if event.is_writable() || event.is_error() || event.is_write_closed() {
+                    self.on_writable(key);
+                }
+                if self.conns.contains(key)
+                    && (event.is_readable() || event.is_read_closed() || event.is_error())
+                {
+                    self.on_readable(key);
+                }
+            }
+            for key in std::mem::take(&mut self.again) {
+                if self.conns.contains(key) {
+                    self.on_readable(key);
+                }
+            }
+            let now = Instant::now();
+            self.send_due(now);
+            if now.duration_since(last_sweep) >= SWEEP {
+                self.sweep(now);
+                last_sweep = now;
+            }
+            self.report_progress();
+            if self.advance(now) {
+                break;
+            }
+        }
+        self.report_progress();
+        for mut c in self.conns.drain() {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+        self.tally
+    }
+
+    fn poll_timeout(&self, now: Instant, last_sweep: Instant) -> Duration {
+        if !self.again.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut at = last_sweep + SWEEP;
+        if let Some(end) = self.phase_end {
+            at = at.min(end);
+        }
+        if let Some(Reverse((due, _))) = self.due.peek() {
+            // epoll_wait counts in milliseconds (mio rounds up), so a
+            // message due sooner than that would go out up to 1 ms late,
+            // and `--rate` latency, counted from the due time, would show
+            // the timer's slop. Spin instead for that last millisecond.
+            if due.saturating_duration_since(now) < Duration::from_millis(1) {
+                return Duration::ZERO;
+            }
+            at = at.min(*due);
+        }
+        if !self.connect_gap.is_zero() && !self.to_open.is_empty() && self.may_open() {
+            at = at.min(self.next_connect);
+        }
+        at.saturating_duration_since(now)
+    }
+
+    fn report_progress(&mut self) {
+        let p = &self.progress;
+        p.messages
+            .fetch_add(self.completions - self.reported_messages, Ordering::Relaxed);
+        p.opened
+            .fetch_add(self.tally.opened - self.reported_opened, Ordering::Relaxed);
+        self.reported_messages = self.completions;
+        self.reported_opened = self.tally.opened;
+    }
+
+    // ----- phases ----------------------------------------------------------
+
+    fn enter(&mut self, phase: Phase, now: Instant) {
+        let plan = &self.plan;
+        self.phase = phase;
+        self.phase_end = match phase {
+            Phase::Opening => None,
+            Phase::Warmup => Some(now + plan.warmup),
+            Phase::Measure => {
+                self.measure_start = now;
+                self.tally.reset_measurement();
+                self.progress.measuring.store(true, Ordering::Relaxed);
+                Some(now + plan.duration)
+            }
+            Phase::Hold => Some(now + plan.duration),
+            Phase::Recheck | Phase::Drain => Some(now + plan.timeout),
+        };
+        if phase == Phase::Drain && self.plan.workload != Workload::Hold {
+            self.tally.measured_secs = now.duration_since(self.measure_start).as_secs_f64();
+            self.due.clear();
+        }
+        if phase == Phase::Recheck {
+            let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.send(key, 1, now);
+            }
+        }
+    }
+
+    /// A connect timed out and none completed while it waited: the server
+    /// has stopped accepting (its backlog is full and SYNs are dropped).
+    /// Trying the rest one window at a time would take about
+    /// timeout x remaining / window, so stop opening and say why.
+    fn stalled(&mut self) {
+        if self.phase != Phase::Opening || self.stop_opening {
+            return;
+        }
+        self.stop_opening = true;
+        let (left, opened) = (self.to_open.len() as u64, self.tally.opened);
+        self.tally.not_opened += left;
+        self.to_open.clear();
+        let secs = self.plan.timeout.as_secs_f64();
+        self.tally.fail_first(
+            Failure::Timeout,
+            format!(
+                "no connect completed for {secs} s after {opened} opened on this thread: \
+                 the server stopped accepting; {left} connections were not tried"
+            ),
+        );
+    }
+
+    /// Moves to the next phase when this one is over; true when done.
+    fn advance(&mut self, now: Instant) -> bool {
+        let timed_out = self.phase_end.is_some_and(|end| now >= end);
+        let quiet = self
+            .conns
+            .iter()
+            .all(|(_, c)| c.inflight.is_empty() && c.connecting.is_none());
+        let opened_all = (self.to_open.is_empty() || self.stop_opening) && self.connecting == 0;
+        match (self.plan.workload, self.phase) {
+            (Workload::Echo, Phase::Opening) if opened_all => self.enter(Phase::Warmup, now),
+            (Workload::Hold, Phase::Opening) if opened_all && quiet => {
+                self.tally.open_secs = now.duration_since(self.started).as_secs_f64();
+                self.enter(Phase::Hold, now);
+            }
+            (_, Phase::Warmup) if timed_out => self.enter(Phase::Measure, now),
+            (_, Phase::Measure) if timed_out => self.enter(Phase::Drain, now),
+            (_, Phase::Hold) if timed_out => self.enter(Phase::Recheck, now),
+            (_, Phase::Recheck) | (_, Phase::Drain) if quiet || timed_out => {
+                if !quiet {
+                    self.time_out_everything(now);
+                }
+                if self.phase == Phase::Recheck {
+                    self.tally.survived =
+                        self.conns.iter().filter(|(_, c)| c.check.seq == 2).count() as u64;
+                }
+                return true;
+            }
+            _ => {}
+        }
+        if self.conns.is_empty() && opened_all && self.phase == Phase::Hold {
+            // Nothing left to hold.
+            self.enter(Phase::Recheck, now);
+        }
+        false
+    }
+
+    fn sending(&self) -> bool {
+        match self.plan.workload {
+            Workload::Echo => matches!(self.phase, Phase::Opening | Phase::Warmup | Phase::Measure),
+            _ => true,
+        }
+    }
+
+    fn may_open(&self) -> bool {
+        if self.stop_opening {
+            return false;
+        }
+        match self.plan.workload {
+            Workload::Churn => matches!(self.phase, Phase::Warmup | Phase::Measure),
+            _ => self.phase == Phase::Opening,
+        }
+    }
+}
