@@ -122,6 +122,7 @@ impl UdpWorker {
         let loss_wait = LOSS_WAIT.min(self.plan.timeout);
         let mut measuring = false;
         let mut last_reply = start;
+        let mut last_scan = start;
         let mut events = Events::with_capacity(1024);
         for i in 0..self.socks.len() {
             self.send(i, self.plan.pipeline, start);
@@ -134,11 +135,12 @@ impl UdpWorker {
                 self.tally.reset_measurement();
                 self.progress.measuring.store(true, Ordering::Relaxed);
             }
-            let idle = self.socks.iter().all(|s| s.inflight.is_empty());
-            if !sending && idle {
+            // A scan of every socket, so only when it can matter.
+            let idle = |socks: &[Sock]| socks.iter().all(|s| s.inflight.is_empty());
+            if !sending && idle(&self.socks) {
                 break;
             }
-            if now.duration_since(last_reply) > self.plan.timeout && !idle {
+            if now.duration_since(last_reply) > self.plan.timeout && !idle(&self.socks) {
                 let secs = self.plan.timeout.as_secs_f64();
                 self.tally.fail(Failure::Timeout, || {
                     format!("no datagram came back for {secs} s")
@@ -180,20 +182,25 @@ impl UdpWorker {
                 }
             }
             // Whatever waited too long is lost; send another in its place.
-            for i in 0..self.socks.len() {
-                let mut lost = 0;
-                let s = &mut self.socks[i];
-                while s
-                    .inflight
-                    .front()
-                    .is_some_and(|&(_, t)| now.duration_since(t) > loss_wait)
-                {
-                    s.inflight.pop_front();
-                    lost += 1;
-                }
-                self.tally.lost += u64::from(lost);
-                if lost > 0 && sending {
-                    self.send(i, lost, now);
+            // Losses are counted after a second, so looking every tick
+            // (not every turn of the loop) is plenty.
+            if now.duration_since(last_scan) >= TICK {
+                last_scan = now;
+                for i in 0..self.socks.len() {
+                    let mut lost = 0;
+                    let s = &mut self.socks[i];
+                    while s
+                        .inflight
+                        .front()
+                        .is_some_and(|&(_, t)| now.duration_since(t) > loss_wait)
+                    {
+                        s.inflight.pop_front();
+                        lost += 1;
+                    }
+                    self.tally.lost += u64::from(lost);
+                    if lost > 0 && sending {
+                        self.send(i, lost, now);
+                    }
                 }
             }
             if measuring {

@@ -316,24 +316,26 @@ impl Worker {
     /// Moves to the next phase when this one is over; true when done.
     fn advance(&mut self, now: Instant) -> bool {
         let timed_out = self.phase_end.is_some_and(|end| now >= end);
-        let quiet = self
-            .conns
-            .iter()
-            .all(|(_, c)| c.inflight.is_empty() && c.connecting.is_none());
+        // A scan of every connection: only asked for in the phases that
+        // wait for everything in flight, never while measuring.
+        let quiet = || {
+            self.conns
+                .iter()
+                .all(|(_, c)| c.inflight.is_empty() && c.connecting.is_none())
+        };
         let opened_all = (self.to_open.is_empty() || self.stop_opening) && self.connecting == 0;
         match (self.plan.workload, self.phase) {
             (Workload::Echo, Phase::Opening) if opened_all => self.enter(Phase::Warmup, now),
-            (Workload::Hold, Phase::Opening) if opened_all && quiet => {
+            (Workload::Hold, Phase::Opening) if opened_all && quiet() => {
                 self.tally.open_secs = now.duration_since(self.started).as_secs_f64();
                 self.enter(Phase::Hold, now);
             }
             (_, Phase::Warmup) if timed_out => self.enter(Phase::Measure, now),
             (_, Phase::Measure) if timed_out => self.enter(Phase::Drain, now),
             (_, Phase::Hold) if timed_out => self.enter(Phase::Recheck, now),
-            (_, Phase::Recheck) | (_, Phase::Drain) if quiet || timed_out => {
-                if !quiet {
-                    self.time_out_everything(now);
-                }
+            (_, Phase::Recheck) | (_, Phase::Drain) if timed_out || quiet() => {
+                // Whatever is still in flight when the time is up is late.
+                self.time_out_everything();
                 if self.phase == Phase::Recheck {
                     self.tally.survived =
                         self.conns.iter().filter(|(_, c)| c.check.seq == 2).count() as u64;

@@ -212,7 +212,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn time_out_everything(&mut self, _now: Instant) {
+    pub(super) fn time_out_everything(&mut self) {
         let late: Vec<(usize, bool)> = self
             .conns
             .iter()
