@@ -157,40 +157,13 @@ impl<S> Connection<S> {
         Ok(n)
     }
 
-    /// Sends a shared chunk: straight to the socket when nothing is queued
-    /// (the common case: no allocation at all), the rest queued by
-    /// reference. Sets `OVERFLOW` when the queue would pass `limit`.
-    pub fn send_shared(&mut self, chunk: &Rc<[u8]>, limit: usize, stats: &mut Stats) {
-        let sent = if self.queued() == 0 {
-            match write_now(&self.stream, chunk, stats) {
-                Ok(n) => n,
-                Err(_) => {
-                    self.flags |= flag::FAILED;
-                    return;
-                }
-            }
-        } else {
-            0
-        };
-        if sent < chunk.len() {
-            let q = self
-                .out
-                .get_or_insert_with(|| Box::new(OutQueue::new(limit)));
-            if q.push_shared(chunk.clone(), sent).is_err() {
-                self.flags |= flag::OVERFLOW;
-            }
-        }
-    }
-
     /// Sends the chunks of one broadcast batch, in order: when nothing is
     /// queued, one vectored write takes them all straight from the shared
     /// chunks (a sender's 64 KiB read of 1,000 lines costs each recipient
     /// one system call, not 1,000); whatever the socket does not take is
-    /// queued by reference. Sets `OVERFLOW` past `limit`.
-    pub fn send_shared_batch(&mut self, chunks: &[&Rc<[u8]>], limit: usize, stats: &mut Stats) {
-        if let [one] = chunks {
-            return self.send_shared(one, limit, stats);
-        }
+    /// queued by reference, so the common case allocates nothing. Sets
+    /// `OVERFLOW` past `limit`.
+    pub fn send_shared(&mut self, chunks: &[&Rc<[u8]>], limit: usize, stats: &mut Stats) {
         let mut skip = if self.queued() == 0 {
             match write_chunks_now(&self.stream, chunks, stats) {
                 Ok(n) => n,

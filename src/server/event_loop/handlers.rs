@@ -269,7 +269,7 @@ impl<P: Protocol> EventLoop<P> {
                     continue;
                 }
                 let before = conn.queued();
-                conn.send_shared_batch(&mine, self.config.max_buffer, &mut self.stats);
+                conn.send_shared(&mine, self.config.max_buffer, &mut self.stats);
                 if conn.has(flag::FAILED | flag::OVERFLOW) {
                     self.doomed.push(token);
                 } else if before == 0 && conn.queued() > 0 {
