@@ -89,13 +89,19 @@ impl UdpEcho {
                 Err(e) => return Err(e),
             }
         }
+        self.queue_or_drop(peer, data, stats);
+        Ok(())
+    }
+
+    /// Keeps a datagram the socket would not take, unless that would
+    /// queue more than the limit: then it is dropped and counted.
+    fn queue_or_drop(&mut self, peer: SocketAddr, data: &[u8], stats: &mut Stats) {
         if self.queued_bytes + data.len() > self.limit {
             stats.udp_dropped += 1;
         } else {
             self.queued_bytes += data.len();
             self.queue.push_back((peer, data.into()));
         }
-        Ok(())
     }
 
     /// Sends queued datagrams until the queue is empty or the socket would block.
@@ -151,5 +157,47 @@ fn send(socket: &UdpSocket, peer: SocketAddr, data: &[u8]) -> io::Result<bool> {
                 return Ok(true);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo_with_limit(limit: usize) -> (UdpEcho, std::net::UdpSocket) {
+        let socket = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        (UdpEcho::new(socket, limit), peer)
+    }
+
+    #[test]
+    fn the_queue_never_holds_more_than_its_limit() {
+        let (mut udp, peer) = echo_with_limit(100);
+        let to = peer.local_addr().unwrap();
+        let mut stats = Stats::default();
+        udp.queue_or_drop(to, &[1; 60], &mut stats);
+        udp.queue_or_drop(to, &[2; 60], &mut stats);
+        udp.queue_or_drop(to, &[3; 40], &mut stats);
+        assert_eq!(udp.queued_bytes(), 100);
+        assert_eq!(stats.udp_dropped, 1);
+    }
+
+    #[test]
+    fn queued_datagrams_go_out_whole_and_in_order_on_writable() {
+        let (mut udp, peer) = echo_with_limit(1000);
+        let to = peer.local_addr().unwrap();
+        let mut stats = Stats::default();
+        udp.queue_or_drop(to, b"first", &mut stats);
+        udp.queue_or_drop(to, b"second", &mut stats);
+        udp.on_writable(&mut stats).unwrap();
+        assert_eq!(udp.queued_bytes(), 0);
+        assert_eq!(stats.udp_out, 2);
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0; 16];
+        let n = peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"first");
+        let n = peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"second");
     }
 }
