@@ -60,29 +60,17 @@ fn fan_out(server: &Server, receivers: usize, lines: usize) -> (f64, f64) {
             Instant::now() < deadline,
             "receivers never saw the sender join"
         );
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .unwrap();
-        for ev in events.iter() {
-            let i = ev.token().0;
-            loop {
-                match (&socks[i]).read(&mut buf) {
-                    Ok(0) => panic!("receiver {i} was closed"),
-                    Ok(n) => {
-                        if ready[i] {
-                            got[i] += n;
-                            continue;
-                        }
-                        seen[i].extend_from_slice(&buf[..n]);
-                        if let Some(at) = find(&seen[i], &joined) {
-                            ready[i] = true;
-                            got[i] = seen[i].len() - (at + joined.len());
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("receiver {i}: {e}"),
-                }
+        read_ready(&mut poll, &mut events, &socks, &mut buf, |i, data| {
+            if ready[i] {
+                got[i] += data.len();
+                return;
             }
-        }
+            seen[i].extend_from_slice(data);
+            if let Some(at) = find(&seen[i], &joined) {
+                ready[i] = true;
+                got[i] = seen[i].len() - (at + joined.len());
+            }
+        });
     }
     // Phase 2: send, and count what arrives.
     let cpu0 = server.cpu_ticks();
@@ -100,38 +88,49 @@ fn fan_out(server: &Server, receivers: usize, lines: usize) -> (f64, f64) {
             Instant::now() < deadline + TIMEOUT,
             "only {done} of {receivers} receivers got every line"
         );
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .unwrap();
-        for ev in events.iter() {
-            let i = ev.token().0;
-            loop {
-                match (&socks[i]).read(&mut buf) {
-                    Ok(0) => panic!("receiver {i} was closed"),
-                    Ok(n) => {
-                        let before = got[i];
-                        got[i] += n;
-                        // Check the stream line by line as it comes.
-                        tails[i].extend_from_slice(&buf[..n]);
-                        let whole = tails[i].len() / expected_line.len() * expected_line.len();
-                        for line in tails[i][..whole].chunks(expected_line.len()) {
-                            assert_eq!(line, &expected_line[..], "receiver {i}");
-                        }
-                        tails[i].drain(..whole);
-                        if before < want && got[i] >= want {
-                            done += 1;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => panic!("receiver {i}: {e}"),
-                }
+        read_ready(&mut poll, &mut events, &socks, &mut buf, |i, data| {
+            let before = got[i];
+            got[i] += data.len();
+            // Check the stream line by line as it comes.
+            tails[i].extend_from_slice(data);
+            let whole = tails[i].len() / expected_line.len() * expected_line.len();
+            for line in tails[i][..whole].chunks(expected_line.len()) {
+                assert_eq!(line, &expected_line[..], "receiver {i}");
             }
-        }
+            tails[i].drain(..whole);
+            if before < want && got[i] >= want {
+                done += 1;
+            }
+        });
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = (server.cpu_ticks() - cpu0) as f64 / 100.0;
     drop(writer.join().unwrap());
     assert!(got.iter().all(|&g| g == want), "a receiver got extra bytes");
     (secs, cpu)
+}
+
+/// Waits up to 100 ms for readable receivers and reads each to
+/// `WouldBlock`, handing every chunk to `on_bytes(receiver, bytes)`.
+fn read_ready(
+    poll: &mut Poll,
+    events: &mut Events,
+    socks: &[mio::net::TcpStream],
+    buf: &mut [u8],
+    mut on_bytes: impl FnMut(usize, &[u8]),
+) {
+    poll.poll(events, Some(Duration::from_millis(100))).unwrap();
+    for ev in events.iter() {
+        let i = ev.token().0;
+        loop {
+            match (&socks[i]).read(buf) {
+                Ok(0) => panic!("receiver {i} was closed"),
+                Ok(n) => on_bytes(i, &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("receiver {i}: {e}"),
+            }
+        }
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
