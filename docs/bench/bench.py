@@ -12,6 +12,10 @@ interleaved within each repetition, so they meet the same machine.
     python3 docs/bench/bench.py --reps 3 --out docs/bench/results.json
     python3 docs/bench/charts.py docs/bench/results.json docs/
 
+`--only pairs,fixed` runs just the 1,000-connection comparisons with the
+reference: alternating closed-loop pairs, and pairs at an equal offered
+load (`--rate`), where CPU per message compares the servers alone.
+
 Needs Linux, python3, taskset, and perf (for system-call counts; skipped
 when missing). Only ever talks to 127.0.0.1.
 """
@@ -60,6 +64,14 @@ class Server:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
+    def sleeps(self):
+        """How many times the server has gone to sleep (voluntary context switches)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+        return 0
+
     def rss_kib(self):
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -95,7 +107,7 @@ def window(server, start, length, perf_events=None):
 
     def run():
         time.sleep(start)
-        c0 = server.cpu()
+        c0, z0 = server.cpu(), server.sleeps()
         t0 = time.monotonic()
         if perf_events:
             r = subprocess.run(
@@ -109,6 +121,7 @@ def window(server, start, length, perf_events=None):
         else:
             time.sleep(length)
         result["cpu_s"] = server.cpu() - c0
+        result["sleeps"] = server.sleeps() - z0
         result["secs"] = time.monotonic() - t0
 
     t = threading.Thread(target=run)
@@ -123,7 +136,8 @@ SYSCALLS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_wait", "syscalls
             "syscalls:sys_enter_sendto", "syscalls:sys_enter_writev"]
 
 
-def echo_run(kind, conns, pipeline, perf=False):
+def echo_run(kind, conns, pipeline, perf=False, rate=None):
+    """One closed-loop run (or open-loop at `rate` messages/s per connection)."""
     warmup, duration = 2, 6
     with Server(kind, next(PORTS)) as s:
         port = s.port
@@ -135,7 +149,8 @@ def echo_run(kind, conns, pipeline, perf=False):
             holder["t"], holder["r"] = window(s, warmup + 1.0, duration - 2.0,
                                               SYSCALLS if perf else None)
 
-        v = load(port, ["-c", conns, "--pipeline", pipeline, "-s", 64, "-d", duration,
+        pace = ["--rate", rate] if rate else ["--pipeline", pipeline]
+        v = load(port, ["-c", conns, *pace, "-s", 64, "-d", duration,
                         "--warmup", warmup, "--timeout", 30], during)
         holder["t"].join()
         w = holder["r"]
@@ -144,7 +159,10 @@ def echo_run(kind, conns, pipeline, perf=False):
            "msgs_per_sec": v["msgs_per_sec"], "p50_us": v["latency_us"]["p50"],
            "p99_us": v["latency_us"]["p99"],
            "cpu_ns_per_msg": 1e9 * w["cpu_s"] / msgs if msgs else None,
-           "server_cpu_util": w["cpu_s"] / w["secs"]}
+           "server_cpu_util": w["cpu_s"] / w["secs"],
+           "sleeps_per_msg": w["sleeps"] / msgs if msgs else None}
+    if rate:
+        row["rate_per_conn"] = rate
     if perf:
         row["syscalls_per_msg"] = {k.split(":")[1].replace("sys_enter_", ""): round(n / msgs, 3)
                                    for k, n in w.items() if ":" in k}
@@ -178,6 +196,27 @@ def churn_run(kind):
             "connect_p99_us": v["connect_latency_us"]["p99"]}
 
 
+def paired(kinds, reps, run):
+    """Runs `run(kind)` for each kind, `reps` times, alternating the order,
+    and returns the rows plus, per measure, every pair's ratio of the first
+    kind to the last and their median: ratios taken within one pair are
+    what this noisy machine can compare."""
+    rows, ratios = [], {}
+    for rep in range(reps):
+        order = kinds if rep % 2 == 0 else kinds[::-1]
+        pair = {}
+        for kind in order:
+            pair[kind] = run(kind)
+            print(rep, pair[kind], flush=True)
+            rows.append(pair[kind])
+        first, last = pair[kinds[0]], pair[kinds[-1]]
+        for measure in ("msgs_per_sec", "cpu_ns_per_msg", "p99_us", "sleeps_per_msg"):
+            if first.get(measure) and last.get(measure):
+                ratios.setdefault(measure, []).append(round(first[measure] / last[measure], 3))
+    return {"rows": rows, "ratios": ratios,
+            "median_ratio": {m: statistics.median(v) for m, v in ratios.items()}}
+
+
 def median_rows(rows, keys):
     """Groups rows by `keys` and takes the median of every number."""
     groups = {}
@@ -206,10 +245,11 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--c-ref", default="/tmp/epoll_echo")
     ap.add_argument("--out", default="docs/bench/results.json")
-    ap.add_argument("--only", default="echo,syscalls,hold,churn",
+    ap.add_argument("--only", default="echo,syscalls,pairs,fixed,hold,churn",
                     help="comma-separated parts to run")
     ap.add_argument("--servers", default="reactor,c-ref,threads")
     ap.add_argument("--hold-reps", type=int, default=None)
+    ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed")
     ARGS = ap.parse_args()
     servers = ARGS.servers.split(",")
     only = ARGS.only.split(",")
@@ -243,6 +283,23 @@ def main():
                 rows.append(r)
         results["syscalls"] = rows
         save()
+    if "pairs" in only:
+        # Closed loop at 1,000 connections, reactor and the reference
+        # alternating: the targets of issue 5.
+        results["pairs"] = {}
+        for pipeline in (1, 16):
+            results["pairs"][f"pipeline_{pipeline}"] = paired(
+                ["reactor", "c-ref"], ARGS.pairs, lambda kind: echo_run(kind, 1000, pipeline))
+            save()
+    if "fixed" in only:
+        # The same offered load for both servers (open loop, --rate per
+        # connection), so CPU per message compares the servers and not how
+        # fast the load generator happened to run.
+        results["fixed"] = {}
+        for rate in (30, 60):
+            results["fixed"][f"rate_{rate}"] = paired(
+                ["reactor", "c-ref"], ARGS.pairs, lambda kind: echo_run(kind, 1000, 1, rate=rate))
+            save()
     if "hold" in only:
         rows = []
         for rep in range(ARGS.hold_reps or ARGS.reps):
