@@ -245,11 +245,11 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--c-ref", default="/tmp/epoll_echo")
     ap.add_argument("--out", default="docs/bench/results.json")
-    ap.add_argument("--only", default="echo,syscalls,pairs,fixed,hold,churn",
+    ap.add_argument("--only", default="echo,syscalls,pairs,fixed,spread,hold,churn",
                     help="comma-separated parts to run")
     ap.add_argument("--servers", default="reactor,c-ref,threads")
     ap.add_argument("--hold-reps", type=int, default=None)
-    ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed")
+    ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed,spread")
     ARGS = ap.parse_args()
     servers = ARGS.servers.split(",")
     only = ARGS.only.split(",")
@@ -299,6 +299,14 @@ def main():
         for rate in (30, 60):
             results["fixed"][f"rate_{rate}"] = paired(
                 ["reactor", "c-ref"], ARGS.pairs, lambda kind: echo_run(kind, 1000, 1, rate=rate))
+            save()
+    if "spread" in only:
+        # 20,000 messages per second in all, spread over 1 to 1,000
+        # connections: how often each server sleeps, and what a sleep costs.
+        results["spread"] = {}
+        for conns, rate in ((1, 20000), (10, 2000), (100, 200), (1000, 20)):
+            results["spread"][f"c{conns}"] = paired(
+                ["reactor", "c-ref"], ARGS.pairs, lambda kind: echo_run(kind, conns, 1, rate=rate))
             save()
     if "hold" in only:
         rows = []
