@@ -210,7 +210,8 @@ def paired(kinds, reps, run):
             print(rep, pair[kind], flush=True)
             rows.append(pair[kind])
         first, last = pair[kinds[0]], pair[kinds[-1]]
-        for measure in ("msgs_per_sec", "cpu_ns_per_msg", "p99_us", "sleeps_per_msg"):
+        for measure in ("msgs_per_sec", "cpu_ns_per_msg", "p99_us", "sleeps_per_msg",
+                        "connections_per_sec"):
             if first.get(measure) and last.get(measure):
                 ratios.setdefault(measure, []).append(round(first[measure] / last[measure], 3))
     return {"rows": rows, "ratios": ratios,
@@ -249,7 +250,7 @@ def main():
                     help="comma-separated parts to run")
     ap.add_argument("--servers", default="reactor,c-ref,threads")
     ap.add_argument("--hold-reps", type=int, default=None)
-    ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed,spread")
+    ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed,spread,churn-pairs")
     ARGS = ap.parse_args()
     servers = ARGS.servers.split(",")
     only = ARGS.only.split(",")
@@ -330,6 +331,9 @@ def main():
                 print(rep, r, flush=True)
                 rows.append(r)
         results["churn"] = median_rows(rows, ["server"])
+        save()
+    if "churn-pairs" in only:
+        results["churn_pairs"] = paired(["reactor", "c-ref"], ARGS.pairs, churn_run)
         save()
     save()
 
