@@ -64,20 +64,20 @@ class Server:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
 
-    def sleeps(self):
-        """How many times the server has gone to sleep (voluntary context switches)."""
+    def status(self, field):
+        """A number from /proc/PID/status (the first word after `field:`)."""
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith("voluntary_ctxt_switches:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
         return 0
 
+    def sleeps(self):
+        """How many times the server has gone to sleep (voluntary context switches)."""
+        return self.status("voluntary_ctxt_switches")
+
     def rss_kib(self):
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+        return self.status("VmRSS")
 
     def __enter__(self):
         return self
