@@ -41,12 +41,21 @@ fn echo_server() -> Server {
     Server::start(&["--log-level", "warn"])
 }
 
-#[test]
-fn echo_ping_pong_verifies_and_reports_latency() {
+/// Runs `reactor load ADDR ARGS --json` against a fresh echo server,
+/// checks that it exited 0 and returns its report.
+fn load_ok(args: &[&str]) -> Value {
     let server = echo_server();
     let addr = server.addr.to_string();
-    let (code, v) = load_json(&[&addr, "-c", "20", "-d", "1", "--warmup", "0.2"]);
+    let mut all = vec![addr.as_str()];
+    all.extend_from_slice(args);
+    let (code, v) = load_json(&all);
     assert_eq!(code, Some(0), "{v}");
+    v
+}
+
+#[test]
+fn echo_ping_pong_verifies_and_reports_latency() {
+    let v = load_ok(&["-c", "20", "-d", "1", "--warmup", "0.2"]);
     assert_eq!(v["ok"], true);
     assert_eq!(v["workload"], "echo");
     assert_eq!(v["connections_opened"], 20);
@@ -75,10 +84,7 @@ fn echo_ping_pong_verifies_and_reports_latency() {
 
 #[test]
 fn pipelined_echo_over_several_threads() {
-    let server = echo_server();
-    let addr = server.addr.to_string();
-    let (code, v) = load_json(&[
-        &addr,
+    let v = load_ok(&[
         "-c",
         "30",
         "--pipeline",
@@ -92,19 +98,13 @@ fn pipelined_echo_over_several_threads() {
         "--warmup",
         "0",
     ]);
-    assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["connections_opened"], 30);
     assert!(v["messages"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn open_loop_rate_sends_on_schedule() {
-    let server = echo_server();
-    let addr = server.addr.to_string();
-    let (code, v) = load_json(&[
-        &addr, "-c", "10", "--rate", "100", "-d", "2", "--warmup", "0.5",
-    ]);
-    assert_eq!(code, Some(0), "{v}");
+    let v = load_ok(&["-c", "10", "--rate", "100", "-d", "2", "--warmup", "0.5"]);
     // 10 connections x 100/s x 2 s = 2,000 on schedule; the schedule is a
     // ceiling, and even a badly stalled client gets a good part done.
     let n = v["messages"].as_u64().unwrap();
@@ -113,10 +113,7 @@ fn open_loop_rate_sends_on_schedule() {
 
 #[test]
 fn hold_ten_thousand_connections() {
-    let server = echo_server();
-    let addr = server.addr.to_string();
-    let (code, v) = load_json(&[&addr, "--workload", "hold", "-c", "10000", "-d", "1"]);
-    assert_eq!(code, Some(0), "{v}");
+    let v = load_ok(&["--workload", "hold", "-c", "10000", "-d", "1"]);
     assert_eq!(v["connections_opened"], 10_000);
     assert_eq!(v["survived"], 10_000);
     // One round trip before the hold and one after, on every connection.
@@ -126,10 +123,7 @@ fn hold_ten_thousand_connections() {
 
 #[test]
 fn churn_opens_and_closes_connections() {
-    let server = echo_server();
-    let addr = server.addr.to_string();
-    let (code, v) = load_json(&[
-        &addr,
+    let v = load_ok(&[
         "--workload",
         "churn",
         "-c",
@@ -139,7 +133,6 @@ fn churn_opens_and_closes_connections() {
         "--warmup",
         "0.2",
     ]);
-    assert_eq!(code, Some(0), "{v}");
     let cycles = v["cycles"].as_u64().unwrap();
     assert!(cycles > 8, "{v}");
     assert_eq!(v["messages"].as_u64().unwrap(), cycles);
@@ -149,10 +142,7 @@ fn churn_opens_and_closes_connections() {
 
 #[test]
 fn connect_rate_paces_new_connections() {
-    let server = echo_server();
-    let addr = server.addr.to_string();
-    let (code, v) = load_json(&[
-        &addr,
+    let v = load_ok(&[
         "--workload",
         "churn",
         "-c",
@@ -164,7 +154,6 @@ fn connect_rate_paces_new_connections() {
         "--warmup",
         "0",
     ]);
-    assert_eq!(code, Some(0), "{v}");
     // At most 50 a second (plus the first), however fast the machine.
     let opened = v["connections_opened"].as_u64().unwrap();
     assert!((5..=60).contains(&opened), "{opened} connections");
@@ -172,10 +161,7 @@ fn connect_rate_paces_new_connections() {
 
 #[test]
 fn source_addresses_are_used() {
-    let server = echo_server();
-    let addr = server.addr.to_string();
-    let (code, v) = load_json(&[
-        &addr,
+    let v = load_ok(&[
         "-c",
         "6",
         "--source-ip",
@@ -185,7 +171,6 @@ fn source_addresses_are_used() {
         "--warmup",
         "0",
     ]);
-    assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["settings"]["source_ip"][1], "127.0.0.3");
 }
 
