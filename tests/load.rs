@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -13,29 +12,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-/// Long enough for a loaded 2-core machine; the runs themselves are short.
-const LIMIT: Duration = Duration::from_secs(120);
-
-fn load(args: &[&str]) -> Output {
-    let mut all = vec!["load"];
-    all.extend_from_slice(args);
-    run_bounded(&all, b"", LIMIT)
-}
-
-fn load_json(args: &[&str]) -> (Option<i32>, Value) {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let out = load(&all);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}): {text}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code(), v)
-}
 
 fn echo_server() -> Server {
     Server::start(&["--log-level", "warn"])
@@ -301,7 +277,7 @@ fn the_open_file_limit_is_named_when_reached() {
             &server.addr.to_string(),
         ],
         b"",
-        LIMIT,
+        LOAD_LIMIT,
     );
     assert_eq!(out.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");

@@ -9,7 +9,6 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
 fn udp_server(extra: &[&str]) -> (Server, SocketAddr) {
     let mut args = vec!["--log-level", "info", "--udp", "127.0.0.1:0"];
@@ -135,26 +134,19 @@ fn connect_sends_each_line_as_one_datagram() {
 #[test]
 fn load_runs_echo_over_udp() {
     let (_server, addr) = udp_server(&[]);
-    let out = run_bounded(
-        &[
-            "load",
-            "--udp",
-            &addr.to_string(),
-            "-c",
-            "20",
-            "--pipeline",
-            "4",
-            "-d",
-            "1",
-            "--warmup",
-            "0.2",
-            "--json",
-        ],
-        b"",
-        Duration::from_secs(120),
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{v}");
+    let (code, v) = load_json(&[
+        "--udp",
+        &addr.to_string(),
+        "-c",
+        "20",
+        "--pipeline",
+        "4",
+        "-d",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["connections_opened"], 20);
     assert!(v["messages"].as_u64().unwrap() > 0);
     assert!(v["datagrams_lost"].as_u64().is_some());
@@ -167,26 +159,19 @@ fn load_over_udp_with_nobody_there_fails() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let out = run_bounded(
-        &[
-            "load",
-            "--udp",
-            &free.to_string(),
-            "-c",
-            "2",
-            "-d",
-            "0.5",
-            "--warmup",
-            "0",
-            "--timeout",
-            "1",
-            "--json",
-        ],
-        b"",
-        Duration::from_secs(120),
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{v}");
+    let (code, v) = load_json(&[
+        "--udp",
+        &free.to_string(),
+        "-c",
+        "2",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0",
+        "--timeout",
+        "1",
+    ]);
+    assert_eq!(code, Some(1), "{v}");
     assert!(v["errors"]["total"].as_u64().unwrap() > 0, "{v}");
 }
 
@@ -197,28 +182,21 @@ fn a_deep_udp_pipeline_keeps_every_socket_served() {
     // Each must get its turn, and the run must measure, not stall. (The
     // window is long enough for a debug build on a loaded machine.)
     let (_server, addr) = udp_server(&[]);
-    let out = run_bounded(
-        &[
-            "load",
-            "--udp",
-            &addr.to_string(),
-            "-c",
-            "100",
-            "--pipeline",
-            "32",
-            "-s",
-            "1400",
-            "-d",
-            "3",
-            "--warmup",
-            "0.5",
-            "--json",
-        ],
-        b"",
-        Duration::from_secs(120),
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{v}");
+    let (code, v) = load_json(&[
+        "--udp",
+        &addr.to_string(),
+        "-c",
+        "100",
+        "--pipeline",
+        "32",
+        "-s",
+        "1400",
+        "-d",
+        "3",
+        "--warmup",
+        "0.5",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
     assert!(v["messages"].as_u64().unwrap() > 100, "{v}");
     let secs = v["measured_secs"].as_f64().unwrap();
     assert!((2.9..=3.1).contains(&secs), "{v}");

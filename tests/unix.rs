@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
 /// A fresh socket path in the temp directory, removed when dropped.
 struct TempPath(PathBuf);
@@ -174,26 +173,19 @@ fn load_over_unix_runs_every_stream_workload() {
     let path = TempPath::new();
     let _server = unix_server(&path, &[]);
     for workload in ["echo", "hold", "churn"] {
-        let out = run_bounded(
-            &[
-                "load",
-                "--unix",
-                path.as_str(),
-                "--workload",
-                workload,
-                "-c",
-                "50",
-                "-d",
-                "0.5",
-                "--warmup",
-                "0.2",
-                "--json",
-            ],
-            b"",
-            Duration::from_secs(120),
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(out.status.code(), Some(0), "{workload}: {v}");
+        let (code, v) = load_json(&[
+            "--unix",
+            path.as_str(),
+            "--workload",
+            workload,
+            "-c",
+            "50",
+            "-d",
+            "0.5",
+            "--warmup",
+            "0.2",
+        ]);
+        assert_eq!(code, Some(0), "{workload}: {v}");
         assert!(v["messages"].as_u64().unwrap() > 0, "{workload}: {v}");
         assert_eq!(v["settings"]["unix"], path.as_str());
     }

@@ -254,6 +254,33 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Long enough for `reactor load` on a loaded 2-core machine; the runs
+/// themselves are short.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `reactor load ARGS`, bounded by [`LOAD_LIMIT`].
+pub fn load(args: &[&str]) -> std::process::Output {
+    let mut all = vec!["load"];
+    all.extend_from_slice(args);
+    run_bounded(&all, b"", LOAD_LIMIT)
+}
+
+/// Runs `reactor load ARGS --json` and returns its exit code and report;
+/// fails the test if stdout is not one JSON object.
+pub fn load_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = load(&all);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
 /// Runs `reactor ARGS` to completion with `input` on stdin, killing it
 /// (and failing the test) if it outlives `limit`.
 pub fn run_bounded(args: &[&str], input: &[u8], limit: Duration) -> std::process::Output {
