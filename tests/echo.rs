@@ -13,6 +13,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Waits until a writer thread that counts its bytes in `sent` stops
+/// making progress: the server has stopped reading and the socket
+/// buffers are full.
+fn wait_until_blocked(sent: &AtomicUsize) {
+    let mut last = usize::MAX;
+    eventually("the writer to block", || {
+        let now = sent.load(Ordering::SeqCst);
+        let stuck = now == last;
+        last = now;
+        thread::sleep(Duration::from_millis(300));
+        stuck
+    });
+}
+
 mod integrity {
     use super::*;
 
@@ -102,14 +116,7 @@ mod back_pressure {
             }
         });
         // Wait until the writer is stuck: the server stopped reading.
-        let mut last = usize::MAX;
-        eventually("the writer to block", || {
-            let now = sent.load(Ordering::SeqCst);
-            let stuck = now == last;
-            last = now;
-            thread::sleep(Duration::from_millis(300));
-            stuck
-        });
+        wait_until_blocked(&sent);
         let stuck_at = sent.load(Ordering::SeqCst);
         assert!(
             stuck_at < total,
@@ -254,14 +261,7 @@ mod lifecycle {
                 n.fetch_add(chunk.len(), Ordering::SeqCst);
             }
         });
-        let mut last = usize::MAX;
-        eventually("the writer to block", || {
-            let now = sent.load(Ordering::SeqCst);
-            let stuck = now == last;
-            last = now;
-            thread::sleep(Duration::from_millis(300));
-            stuck
-        });
+        wait_until_blocked(&sent);
         server.terminate();
         server.wait_for_log("shutting down");
         // New connects are refused once the listener is closed.
