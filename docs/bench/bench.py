@@ -12,9 +12,12 @@ interleaved within each repetition, so they meet the same machine.
     python3 docs/bench/bench.py --reps 3 --out docs/bench/results.json
     python3 docs/bench/charts.py docs/bench/results.json docs/
 
-`--only pairs,fixed` runs just the 1,000-connection comparisons with the
-reference: alternating closed-loop pairs, and pairs at an equal offered
-load (`--rate`), where CPU per message compares the servers alone.
+Parts (`--only`, comma-separated): echo, syscalls, hold, churn (medians of
+--reps), and the alternating pairs against the reference (--pairs each):
+pairs (closed loop, 1,000 connections), fixed (an equal offered load with
+`--rate`, where CPU per message compares the servers alone), spread (the
+same 20,000 msgs/s over 1 to 1,000 connections: how often each server
+sleeps) and churn-pairs.
 
 Needs Linux, python3, taskset, and perf (for system-call counts; skipped
 when missing). Only ever talks to 127.0.0.1.
@@ -286,7 +289,7 @@ def main():
         save()
     if "pairs" in only:
         # Closed loop at 1,000 connections, reactor and the reference
-        # alternating: the targets of issue 5.
+        # alternating: the throughput and CPU targets in benchmarks.md.
         results["pairs"] = {}
         for pipeline in (1, 16):
             results["pairs"][f"pipeline_{pipeline}"] = paired(
