@@ -89,52 +89,20 @@ impl<P: Protocol> EventLoop<P> {
             }
             let want = space.min(self.scratch.len()).min(budget);
             let buf = &mut self.scratch[..want];
-            match (&conn.stream).read(buf) {
+            let n = match (&conn.stream).read(buf) {
                 // Ok(0): the peer closed its side (EOF). It may still read
                 // what we owe it, so this is a half-close, not an error.
                 Ok(0) => {
                     conn.flags |= flag::READ_CLOSED;
                     log::debug!("[{}] read: 0 bytes, eof", Show(token));
-                    if conn.phase == Phase::Open {
-                        let (mut outbox, session) = conn.split(
-                            token,
-                            self.config.max_buffer,
-                            &mut self.broadcasts,
-                            &mut self.stats,
-                        );
-                        self.protocol.eof(session, &mut outbox);
-                    }
-                    return;
+                    0
                 }
                 Ok(n) => {
                     log::trace!("[{}] read {n} bytes", Show(token));
                     self.stats.bytes_in += n as u64;
                     budget -= n;
                     conn.stamp = self.now;
-                    if conn.phase == Phase::Open {
-                        let (mut outbox, session) = conn.split(
-                            token,
-                            self.config.max_buffer,
-                            &mut self.broadcasts,
-                            &mut self.stats,
-                        );
-                        self.protocol.data(session, &buf[..n], &mut outbox);
-                    }
-                    // A lingering connection's input is read and dropped.
-                    //
-                    // A short read means the socket is drained for now: a
-                    // stream socket hands over everything it holds, up to
-                    // the buffer, and bytes that arrive after this read
-                    // raise a new edge. So the read that would only say
-                    // `WouldBlock` is skipped: one system call less per
-                    // message. (Linux; elsewhere we read on to WouldBlock.)
-                    // Not when the event said the peer has closed: then
-                    // the FIN is queued behind these bytes and no new
-                    // edge will come for it (see `Drain`).
-                    if cfg!(target_os = "linux") && drain == Drain::UntilShortRead && n < want {
-                        log::trace!("[{}] short read: drained for now", Show(token));
-                        return;
-                    }
+                    n
                 }
                 // Drained: wait for the next edge. Also what a spurious
                 // wake-up looks like.
@@ -149,6 +117,35 @@ impl<P: Protocol> EventLoop<P> {
                     conn.flags |= flag::FAILED;
                     return;
                 }
+            };
+            // A lingering connection's input is read and dropped.
+            if conn.phase == Phase::Open {
+                let (mut outbox, session) = conn.split(
+                    token,
+                    self.config.max_buffer,
+                    &mut self.broadcasts,
+                    &mut self.stats,
+                );
+                if n == 0 {
+                    self.protocol.eof(session, &mut outbox);
+                } else {
+                    self.protocol.data(session, &buf[..n], &mut outbox);
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            // A short read means the socket is drained for now: a stream
+            // socket hands over everything it holds, up to the buffer, and
+            // bytes that arrive after this read raise a new edge. So the
+            // read that would only say `WouldBlock` is skipped: one system
+            // call less per message. (Linux; elsewhere we read on to
+            // WouldBlock.) Not when the event said the peer has closed:
+            // then the FIN is queued behind these bytes and no new edge
+            // will come for it (see `Drain`).
+            if cfg!(target_os = "linux") && drain == Drain::UntilShortRead && n < want {
+                log::trace!("[{}] short read: drained for now", Show(token));
+                return;
             }
         }
     }
