@@ -1,9 +1,13 @@
 //! The command line: `reactor [serve] | connect | load`.
 //!
-//! Parsing is clap's (derive); this module turns the parsed flags into the
-//! library's configurations and exit codes (0 ok, 1 failure, 2 usage).
+//! Every clap definition lives here, and only here: parsing is clap's
+//! (derive), and this module turns the parsed flags into the plain
+//! configurations the library runs with ([`server::Config`],
+//! [`connect::Target`], [`load::Options`]) and into exit codes (0 ok,
+//! 1 failure, 2 usage). The library itself never sees clap, so tests and
+//! other programs can drive it without a command line.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +15,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::client;
+use serde_json::json;
+
+use crate::client::connect;
+use crate::client::load::{self, message, udp, worker::Target, Options, Plan, Workload};
 use crate::server::{self, Config, Engine, Mode, ServeError};
 
 /// A single-threaded mio event-loop server (echo, chat), with an nc-like
@@ -35,7 +42,7 @@ pub enum Command {
     /// Talk to a server: standard input out, what it sends to standard output.
     Connect(ConnectArgs),
     /// Load-test a server with many connections, verifying every byte.
-    Load(client::load::LoadArgs),
+    Load(LoadArgs),
 }
 
 /// Protocol, as named on the command line.
@@ -54,6 +61,17 @@ pub enum EngineArg {
     Reactor,
     /// One blocking thread per client.
     Threads,
+}
+
+/// Load workload, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadArg {
+    /// Send messages and read them back, for `--duration`.
+    Echo,
+    /// Open every connection, hold them idle, check them all again.
+    Hold,
+    /// Connect, one round trip, close; over and over.
+    Churn,
 }
 
 /// Log levels.
@@ -125,6 +143,74 @@ pub struct ConnectArgs {
     pub udp: Option<SocketAddr>,
 }
 
+/// `reactor load`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Server address.
+    #[arg(default_value = "127.0.0.1:5050")]
+    pub addr: SocketAddr,
+    /// What every connection does.
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Echo)]
+    pub workload: WorkloadArg,
+    /// Connections (churn: connections kept going at once).
+    #[arg(short = 'c', long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
+    /// Message size in bytes.
+    #[arg(short = 's', long, value_name = "BYTES", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub size: u32,
+    /// Measured time in seconds (hold: how long to hold).
+    #[arg(short = 'd', long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds)]
+    pub duration: f64,
+    /// Seconds run before measuring, not counted.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
+    pub warmup: f64,
+    /// Messages in flight per connection (1 = ping-pong).
+    #[arg(long, value_name = "K", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub pipeline: u32,
+    /// Messages per second per connection, open loop; 0 = closed loop.
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = rate)]
+    pub rate: f64,
+    /// New connections per second; 0 = as fast as possible.
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = rate)]
+    pub connect_rate: f64,
+    /// Poll loops (threads); connections are dealt among them.
+    #[arg(long, value_name = "T", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+    /// Local addresses to connect from, in turn (127.0.0.0/8).
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    pub source_ip: Vec<IpAddr>,
+    /// Longest wait in seconds for one connect or one reply.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds)]
+    pub timeout: f64,
+    /// Connect to a Unix-domain stream socket instead of TCP.
+    #[arg(long, value_name = "PATH", conflicts_with = "udp")]
+    pub unix: Option<PathBuf>,
+    /// Echo over UDP datagrams to this address (loss counted).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub udp: Option<SocketAddr>,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..=1e6).contains(&x) => Ok(x),
+        _ => Err(format!("`{s}` is not a number of seconds")),
+    }
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a rate (a number, 0 or more)")),
+    }
+}
+
 impl ServeArgs {
     /// The server configuration these flags describe.
     pub fn config(&self) -> Config {
@@ -146,6 +232,114 @@ impl ServeArgs {
                 EngineArg::Reactor => Engine::Reactor,
                 EngineArg::Threads => Engine::Threads,
             },
+        }
+    }
+}
+
+impl LoadArgs {
+    /// Checks combinations clap cannot, returning the complaint.
+    fn validate(&self) -> Result<(), String> {
+        if self.udp.is_some() && self.workload != WorkloadArg::Echo {
+            return Err("--udp runs the echo workload only".into());
+        }
+        if self.udp.is_some()
+            && !(message::HEADER..=udp::MAX_DATAGRAM).contains(&(self.size as usize))
+        {
+            return Err(format!(
+                "--udp needs --size between {} and {} bytes (a datagram carries its own id)",
+                message::HEADER,
+                udp::MAX_DATAGRAM
+            ));
+        }
+        if let Some(ip) = self.source_ip.iter().find(|ip| !ip.is_loopback()) {
+            return Err(format!(
+                "--source-ip {ip}: only loopback addresses (127.0.0.0/8, ::1) are allowed"
+            ));
+        }
+        if let Some(ip) = self
+            .source_ip
+            .iter()
+            .find(|ip| ip.is_ipv4() != self.addr.is_ipv4())
+        {
+            return Err(format!(
+                "--source-ip {ip} is not of the same family as {}",
+                self.addr
+            ));
+        }
+        if self.timeout <= 0.0 {
+            return Err("--timeout must be more than 0".into());
+        }
+        Ok(())
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        json!({
+            "addr": self.addr.to_string(),
+            "workload": self.workload().name(),
+            "connections": self.connections,
+            "size": self.size,
+            "duration": self.duration,
+            "warmup": self.warmup,
+            "pipeline": self.pipeline,
+            "rate": self.rate,
+            "connect_rate": self.connect_rate,
+            "threads": self.threads,
+            "source_ip": self.source_ip.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+            "timeout": self.timeout,
+            "unix": self.unix.as_ref().map(|p| p.display().to_string()),
+            "udp": self.udp.map(|a| a.to_string()),
+            "json": self.json,
+        })
+    }
+
+    fn workload(&self) -> Workload {
+        match self.workload {
+            WorkloadArg::Echo => Workload::Echo,
+            WorkloadArg::Hold => Workload::Hold,
+            WorkloadArg::Churn => Workload::Churn,
+        }
+    }
+
+    /// The run these flags describe, or what is wrong with them.
+    pub fn options(&self) -> Result<Options, String> {
+        self.validate()?;
+        Ok(Options {
+            plan: self.plan(),
+            threads: self.threads,
+            udp: self.udp,
+            json: self.json,
+            settings: self.settings(),
+        })
+    }
+
+    fn plan(&self) -> Plan {
+        Plan {
+            workload: self.workload(),
+            target: match &self.unix {
+                Some(path) => Target::Unix(path.clone()),
+                None => Target::Tcp(self.udp.unwrap_or(self.addr)),
+            },
+            connections: self.connections,
+            size: self.size as usize,
+            pipeline: self.pipeline,
+            rate: self.rate,
+            connect_rate: self.connect_rate,
+            duration: Duration::from_secs_f64(self.duration),
+            // hold measures nothing before the hold itself.
+            warmup: Duration::from_secs_f64(self.warmup),
+            timeout: Duration::from_secs_f64(self.timeout),
+            source_ips: self.source_ip.clone(),
+        }
+    }
+}
+
+impl ConnectArgs {
+    /// Where these flags say to connect.
+    pub fn target(&self) -> connect::Target {
+        match (&self.unix, self.udp) {
+            (Some(path), _) => connect::Target::Unix(path.clone()),
+            (None, Some(addr)) => connect::Target::Udp(addr),
+            (None, None) => connect::Target::Tcp(self.addr),
         }
     }
 }
@@ -178,8 +372,14 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         None => serve(&cli.serve),
         Some(Command::Serve(args)) => serve(&args),
-        Some(Command::Connect(args)) => client::connect::run(&args),
-        Some(Command::Load(args)) => client::load::run(&args),
+        Some(Command::Connect(args)) => connect::run(&args.target()),
+        Some(Command::Load(args)) => match args.options() {
+            Ok(options) => load::run(options),
+            Err(e) => {
+                eprintln!("reactor load: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

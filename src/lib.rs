@@ -22,5 +22,6 @@
 pub mod buffer;
 pub mod cli;
 pub mod client;
+pub mod net;
 pub mod protocol;
 pub mod server;

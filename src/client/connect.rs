@@ -13,7 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::Arc;
@@ -24,8 +24,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::buffer::OutQueue;
-use crate::cli::ConnectArgs;
-use crate::server::stream::Stream;
+use crate::net::Stream;
 
 const SOCKET: Token = Token(0);
 const STDIN: Token = Token(1);
@@ -34,12 +33,23 @@ const STDIN_CHUNKS: usize = 16;
 /// After stdin ends in UDP mode, how long to wait for the last replies.
 const UDP_LINGER: Duration = Duration::from_secs(1);
 
+/// Where `reactor connect` talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A TCP server.
+    Tcp(SocketAddr),
+    /// A Unix-domain stream socket.
+    Unix(PathBuf),
+    /// A UDP echo server: one datagram per line of input.
+    Udp(SocketAddr),
+}
+
 /// Runs `reactor connect` and returns its exit code.
-pub fn run(args: &ConnectArgs) -> ExitCode {
-    let result = match (&args.unix, args.udp) {
-        (Some(path), _) => connect_unix(path).and_then(|s| relay(s, io::stdin(), io::stdout())),
-        (None, Some(addr)) => udp(addr, io::stdin(), io::stdout()),
-        (None, None) => connect_tcp(args.addr).and_then(|s| relay(s, io::stdin(), io::stdout())),
+pub fn run(target: &Target) -> ExitCode {
+    let result = match target {
+        Target::Unix(path) => connect_unix(path).and_then(|s| relay(s, io::stdin(), io::stdout())),
+        Target::Udp(addr) => udp(*addr, io::stdin(), io::stdout()),
+        Target::Tcp(addr) => connect_tcp(*addr).and_then(|s| relay(s, io::stdin(), io::stdout())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

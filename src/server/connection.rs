@@ -11,10 +11,11 @@ use std::rc::Rc;
 
 use mio::{Interest, Token};
 
-use super::event_loop::Show;
 use super::stats::Stats;
-use super::stream::Stream;
+use super::token::TokenName;
 use crate::buffer::OutQueue;
+use crate::net::io::write_until_blocked;
+use crate::net::Stream;
 use crate::protocol::{Audience, Close, Outbox};
 
 /// Where a connection is in its life.
@@ -233,27 +234,6 @@ fn write_chunks_now(stream: &Stream, chunks: &[&Rc<[u8]>], stats: &mut Stats) ->
 /// Most chunks in one vectored write of a broadcast batch.
 const IOV_BATCH: usize = 256;
 
-/// The write loop of a non-blocking socket, in one place: `write(done)`
-/// writes from byte `done` on; short writes go round again, `Interrupted`
-/// is retried, `WouldBlock` stops with the count so far, `Ok(0)` and any
-/// other error are errors.
-fn write_until_blocked(
-    total: usize,
-    mut write: impl FnMut(usize) -> io::Result<usize>,
-) -> io::Result<usize> {
-    let mut done = 0;
-    while done < total {
-        match write(done) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
 /// A broadcast waiting to be delivered once the current handler returns.
 #[derive(Debug)]
 pub struct Broadcast {
@@ -308,11 +288,15 @@ impl Outbox for ConnOutbox<'_> {
         };
         log::trace!(
             "[{}] reply: {sent} of {} bytes written at once",
-            Show(self.token),
+            TokenName(self.token),
             bytes.len()
         );
         if sent < bytes.len() {
-            log::trace!("[{}] queued {} bytes", Show(self.token), bytes.len() - sent);
+            log::trace!(
+                "[{}] queued {} bytes",
+                TokenName(self.token),
+                bytes.len() - sent
+            );
             let limit = self.limit;
             let q = self
                 .out

@@ -17,9 +17,9 @@ pub mod connection;
 pub mod event_loop;
 pub mod listen;
 pub mod stats;
-pub mod stream;
 pub mod threads;
 pub mod timer;
+pub mod token;
 pub mod udp;
 
 use crate::protocol::{Chat, Echo};
@@ -120,17 +120,6 @@ impl std::fmt::Display for ServeError {
 
 impl std::error::Error for ServeError {}
 
-/// Raises the soft open-file limit to the hard one and returns it.
-pub fn raise_fd_limit() -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => n,
-        Err(e) => {
-            log::warn!("could not raise the open-file limit: {e}");
-            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
-        }
-    }
-}
-
 /// Binds the listeners `config` asks for, prints one `listening on` line
 /// per listener on stdout, and serves until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), ServeError> {
@@ -139,7 +128,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             "--udp serves echo only; it cannot be used with --mode chat".into(),
         ));
     }
-    let limit = raise_fd_limit();
+    let limit = crate::net::limits::raise_fd_limit();
     let max_connections = config
         .max_connections
         .unwrap_or_else(|| (limit as usize).saturating_sub(FD_RESERVE).max(1));

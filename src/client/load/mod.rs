@@ -14,21 +14,17 @@ pub mod worker;
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use clap::ValueEnum;
-use serde_json::json;
-
 use report::{Report, Tally};
 use worker::{Target, Worker};
 
 /// What every connection does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
     /// Send messages and read them back, for `--duration`.
     Echo,
@@ -39,80 +35,13 @@ pub enum Workload {
 }
 
 impl Workload {
-    fn name(self) -> &'static str {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
         match self {
             Workload::Echo => "echo",
             Workload::Hold => "hold",
             Workload::Churn => "churn",
         }
-    }
-}
-
-/// `reactor load`'s flags.
-#[derive(Debug, clap::Args)]
-pub struct LoadArgs {
-    /// Server address.
-    #[arg(default_value = "127.0.0.1:5050")]
-    pub addr: SocketAddr,
-    /// What every connection does.
-    #[arg(long, value_enum, default_value_t = Workload::Echo)]
-    pub workload: Workload,
-    /// Connections (churn: connections kept going at once).
-    #[arg(short = 'c', long, value_name = "N", default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub connections: u32,
-    /// Message size in bytes.
-    #[arg(short = 's', long, value_name = "BYTES", default_value_t = 64,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub size: u32,
-    /// Measured time in seconds (hold: how long to hold).
-    #[arg(short = 'd', long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds)]
-    pub duration: f64,
-    /// Seconds run before measuring, not counted.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
-    pub warmup: f64,
-    /// Messages in flight per connection (1 = ping-pong).
-    #[arg(long, value_name = "K", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub pipeline: u32,
-    /// Messages per second per connection, open loop; 0 = closed loop.
-    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = rate)]
-    pub rate: f64,
-    /// New connections per second; 0 = as fast as possible.
-    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = rate)]
-    pub connect_rate: f64,
-    /// Poll loops (threads); connections are dealt among them.
-    #[arg(long, value_name = "T", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub threads: u32,
-    /// Local addresses to connect from, in turn (127.0.0.0/8).
-    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
-    pub source_ip: Vec<IpAddr>,
-    /// Longest wait in seconds for one connect or one reply.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = seconds)]
-    pub timeout: f64,
-    /// Connect to a Unix-domain stream socket instead of TCP.
-    #[arg(long, value_name = "PATH", conflicts_with = "udp")]
-    pub unix: Option<PathBuf>,
-    /// Echo over UDP datagrams to this address (loss counted).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub udp: Option<SocketAddr>,
-    /// Print one JSON object on stdout instead of the table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-fn seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && (0.0..=1e6).contains(&x) => Ok(x),
-        _ => Err(format!("`{s}` is not a number of seconds")),
-    }
-}
-
-fn rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        _ => Err(format!("`{s}` is not a rate (a number, 0 or more)")),
     }
 }
 
@@ -154,109 +83,45 @@ pub struct Progress {
     pub measuring: AtomicBool,
 }
 
-impl LoadArgs {
-    /// Checks combinations clap cannot, returning the complaint.
-    fn validate(&self) -> Result<(), String> {
-        if self.udp.is_some() && self.workload != Workload::Echo {
-            return Err("--udp runs the echo workload only".into());
-        }
-        if self.udp.is_some()
-            && !(message::HEADER..=udp::MAX_DATAGRAM).contains(&(self.size as usize))
-        {
-            return Err(format!(
-                "--udp needs --size between {} and {} bytes (a datagram carries its own id)",
-                message::HEADER,
-                udp::MAX_DATAGRAM
-            ));
-        }
-        if let Some(ip) = self.source_ip.iter().find(|ip| !ip.is_loopback()) {
-            return Err(format!(
-                "--source-ip {ip}: only loopback addresses (127.0.0.0/8, ::1) are allowed"
-            ));
-        }
-        if let Some(ip) = self
-            .source_ip
-            .iter()
-            .find(|ip| ip.is_ipv4() != self.addr.is_ipv4())
-        {
-            return Err(format!(
-                "--source-ip {ip} is not of the same family as {}",
-                self.addr
-            ));
-        }
-        if self.timeout <= 0.0 {
-            return Err("--timeout must be more than 0".into());
-        }
-        Ok(())
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        json!({
-            "addr": self.addr.to_string(),
-            "workload": self.workload.name(),
-            "connections": self.connections,
-            "size": self.size,
-            "duration": self.duration,
-            "warmup": self.warmup,
-            "pipeline": self.pipeline,
-            "rate": self.rate,
-            "connect_rate": self.connect_rate,
-            "threads": self.threads,
-            "source_ip": self.source_ip.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
-            "timeout": self.timeout,
-            "unix": self.unix.as_ref().map(|p| p.display().to_string()),
-            "udp": self.udp.map(|a| a.to_string()),
-            "json": self.json,
-        })
-    }
-
-    fn plan(&self) -> Plan {
-        Plan {
-            workload: self.workload,
-            target: match &self.unix {
-                Some(path) => Target::Unix(path.clone()),
-                None => Target::Tcp(self.udp.unwrap_or(self.addr)),
-            },
-            connections: self.connections,
-            size: self.size as usize,
-            pipeline: self.pipeline,
-            rate: self.rate,
-            connect_rate: self.connect_rate,
-            duration: Duration::from_secs_f64(self.duration),
-            // hold measures nothing before the hold itself.
-            warmup: Duration::from_secs_f64(self.warmup),
-            timeout: Duration::from_secs_f64(self.timeout),
-            source_ips: self.source_ip.clone(),
-        }
-    }
+/// A whole `reactor load` run: the plan every loop follows, plus what
+/// only the run as a whole needs.
+#[derive(Debug)]
+pub struct Options {
+    /// What each loop does.
+    pub plan: Plan,
+    /// Poll loops (threads) the connections are dealt among.
+    pub threads: u32,
+    /// Echo over UDP datagrams to this address instead of streams.
+    pub udp: Option<SocketAddr>,
+    /// One JSON object on stdout instead of the table.
+    pub json: bool,
+    /// Every flag's value, echoed in the report.
+    pub settings: serde_json::Value,
 }
 
-/// Runs `reactor load`: 0 when everything came back as sent, 1 otherwise,
-/// 2 for flags that do not go together.
-pub fn run(args: &LoadArgs) -> ExitCode {
-    if let Err(e) = args.validate() {
-        eprintln!("reactor load: {e}");
-        return ExitCode::from(2);
-    }
+/// Runs `reactor load`: 0 when everything came back as sent, 1 otherwise.
+pub fn run(args: Options) -> ExitCode {
     // Each connection is a descriptor; ask for all the system allows.
-    let limit = crate::server::raise_fd_limit();
-    let needed = u64::from(args.connections) + 16;
+    let limit = crate::net::limits::raise_fd_limit();
+    let needed = u64::from(args.plan.connections) + 16;
     if args.udp.is_none() && needed > limit {
         eprintln!(
             "reactor load: warning: {} connections need about {needed} descriptors, but this \
              process may open only {limit} (RLIMIT_NOFILE); expect to stop near {}",
-            args.connections,
+            args.plan.connections,
             limit.saturating_sub(16)
         );
     }
-    let plan = Arc::new(args.plan());
+    let connections = args.plan.connections;
+    let workload = args.plan.workload;
+    let plan = Arc::new(args.plan);
     let progress = Arc::new(Progress::default());
-    let threads = args.threads.min(args.connections);
+    let threads = args.threads.min(connections);
     let mut handles = Vec::new();
     for t in 0..threads {
         // Deal connection ids round-robin, so each loop gets its share.
-        let ids: Vec<u32> = (t..args.connections).step_by(threads as usize).collect();
-        let share = ids.len() as f64 / f64::from(args.connections);
+        let ids: Vec<u32> = (t..connections).step_by(threads as usize).collect();
+        let share = ids.len() as f64 / f64::from(connections);
         let (plan, progress) = (plan.clone(), progress.clone());
         let udp = args.udp;
         let handle = thread::Builder::new().name(format!("load-{t}")).spawn(
@@ -275,7 +140,7 @@ pub fn run(args: &LoadArgs) -> ExitCode {
             }
         }
     }
-    let bar = progress_bar(args, &progress, &handles);
+    let bar = progress_bar(&plan, &progress, &handles);
     let mut tally = Tally::default();
     for h in handles {
         match h.join() {
@@ -294,9 +159,9 @@ pub fn run(args: &LoadArgs) -> ExitCode {
         bar.finish_and_clear();
     }
     let report = Report {
-        workload: args.workload.name(),
-        settings: args.settings(),
-        connections: u64::from(args.connections),
+        workload: workload.name(),
+        settings: args.settings,
+        connections: u64::from(connections),
         udp: args.udp.is_some(),
         tally,
     };
@@ -315,7 +180,7 @@ pub fn run(args: &LoadArgs) -> ExitCode {
 /// On a terminal, a live line while the loops run (drawn on stderr so it
 /// never mixes with the report); nothing when stdout is not a terminal.
 fn progress_bar<T>(
-    args: &LoadArgs,
+    plan: &Plan,
     progress: &Progress,
     handles: &[thread::JoinHandle<T>],
 ) -> Option<indicatif::ProgressBar> {
@@ -334,8 +199,8 @@ fn progress_bar<T>(
         };
         bar.set_message(format!(
             "{} {stage}: {opened}/{} connections opened, {messages} messages ({:.0}/s)",
-            args.workload.name(),
-            args.connections,
+            plan.workload.name(),
+            plan.connections,
             (messages - last) as f64 / 0.2,
         ));
         last = messages;

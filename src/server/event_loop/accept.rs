@@ -1,7 +1,18 @@
 //! Accepting: drain the listener's backlog, open connections, and pause
 //! cleanly when the process runs out of descriptors.
 
-use super::*;
+use std::io;
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+
+use super::{Accepting, EventLoop, ACCEPT_BUDGET, ACCEPT_RETRY};
+use crate::net::Stream;
+use crate::protocol::Protocol;
+use crate::server::connection::{flag, write_now, ConnOutbox, Connection, Phase};
+use crate::server::token::{
+    connection_token, next_generation, TokenName, LISTENER_TCP, LISTENER_UNIX,
+};
 
 impl<P: Protocol> EventLoop<P> {
     pub(super) fn accept(&mut self, token: Token) -> io::Result<()> {
@@ -23,7 +34,7 @@ impl<P: Protocol> EventLoop<P> {
                 Ok(stream) => self.open(stream)?,
                 // Drained: the next connection raises a new edge.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    log::trace!("[{}] accept: WouldBlock, drained", Show(token));
+                    log::trace!("[{}] accept: WouldBlock, drained", TokenName(token));
                     // Nobody is left waiting: any shortage of descriptors
                     // is over. (While clients still wait, each close lets
                     // one more in and the limit is hit again at once; that
@@ -111,9 +122,8 @@ impl<P: Protocol> EventLoop<P> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let generation = self.next_generation;
-        // 31 bits: the token's top half must never reach the listener tokens.
-        self.next_generation = (self.next_generation + 1) & 0x7fff_ffff;
-        let token = conn_token(key, generation);
+        self.next_generation = next_generation(generation);
+        let token = connection_token(key, generation);
         if let Err(e) = self
             .poll
             .registry()
@@ -145,7 +155,7 @@ impl<P: Protocol> EventLoop<P> {
             session,
         });
         self.stats.active += 1;
-        log::debug!("[{}] open ({} held)", Show(token), self.conns.len());
+        log::debug!("[{}] open ({} held)", TokenName(token), self.conns.len());
         if let Some(idle) = self.config.idle_timeout {
             self.timers.push(self.now + idle.as_millis() as u64, token);
         }

@@ -1,7 +1,16 @@
 //! One connection's readiness: read, write, settle its interest, close
 //! it; and deliver the broadcasts its protocol queued.
 
-use super::*;
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::rc::Rc;
+
+use mio::Token;
+
+use super::{Drain, EventLoop, LINGER, READ_BUDGET, WRITE_BUDGET};
+use crate::protocol::{Audience, Protocol};
+use crate::server::connection::{flag, GoneOutbox, Phase};
+use crate::server::token::{connection_token, TokenName};
 
 impl<P: Protocol> EventLoop<P> {
     pub(super) fn on_connection(
@@ -37,22 +46,22 @@ impl<P: Protocol> EventLoop<P> {
             // an edge when room appears. The whole budget went out: the
             // socket may still be writable and no edge will say so.
             Ok(n) if n >= WRITE_BUDGET && conn.queued() > 0 => {
-                let token = conn_token(key, conn.generation);
+                let token = connection_token(key, conn.generation);
                 log::trace!(
                     "[{}] wrote {n} bytes: budget spent, ready list",
-                    Show(token)
+                    TokenName(token)
                 );
                 self.push_ready(token);
             }
             Ok(n) => log::trace!(
                 "[{}] wrote {n} queued bytes, {} left",
-                Show(conn_token(key, conn.generation)),
+                TokenName(connection_token(key, conn.generation)),
                 conn.queued()
             ),
             Err(e) => {
                 log::debug!(
                     "[{}] write failed: {e}",
-                    Show(conn_token(key, conn.generation))
+                    TokenName(connection_token(key, conn.generation))
                 );
                 conn.flags |= flag::FAILED;
             }
@@ -63,14 +72,14 @@ impl<P: Protocol> EventLoop<P> {
         let mut budget = READ_BUDGET;
         loop {
             let conn = &mut self.conns[key];
-            let token = conn_token(key, conn.generation);
+            let token = connection_token(key, conn.generation);
             if conn.has(flag::READ_CLOSED | flag::FAILED | flag::OVERFLOW)
                 || conn.phase == Phase::Draining
             {
                 return;
             }
             if budget == 0 {
-                log::trace!("[{}] read budget spent: ready list", Show(token));
+                log::trace!("[{}] read budget spent: ready list", TokenName(token));
                 self.push_ready(token);
                 return;
             }
@@ -82,7 +91,7 @@ impl<P: Protocol> EventLoop<P> {
                 .map_or(self.config.max_buffer, |q| q.space());
             if space == 0 {
                 if !conn.has(flag::PAUSED) {
-                    log::debug!("[{}] output full: reading paused", Show(token));
+                    log::debug!("[{}] output full: reading paused", TokenName(token));
                 }
                 conn.flags |= flag::PAUSED;
                 return;
@@ -94,11 +103,11 @@ impl<P: Protocol> EventLoop<P> {
                 // what we owe it, so this is a half-close, not an error.
                 Ok(0) => {
                     conn.flags |= flag::READ_CLOSED;
-                    log::debug!("[{}] read: 0 bytes, eof", Show(token));
+                    log::debug!("[{}] read: 0 bytes, eof", TokenName(token));
                     0
                 }
                 Ok(n) => {
-                    log::trace!("[{}] read {n} bytes", Show(token));
+                    log::trace!("[{}] read {n} bytes", TokenName(token));
                     self.stats.bytes_in += n as u64;
                     budget -= n;
                     conn.stamp = self.now;
@@ -107,13 +116,13 @@ impl<P: Protocol> EventLoop<P> {
                 // Drained: wait for the next edge. Also what a spurious
                 // wake-up looks like.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    log::trace!("[{}] read: WouldBlock, drained", Show(token));
+                    log::trace!("[{}] read: WouldBlock, drained", TokenName(token));
                     return;
                 }
                 // A signal interrupted the call; nothing happened, retry.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::debug!("[{}] read failed: {e}", Show(token));
+                    log::debug!("[{}] read failed: {e}", TokenName(token));
                     conn.flags |= flag::FAILED;
                     return;
                 }
@@ -144,7 +153,7 @@ impl<P: Protocol> EventLoop<P> {
             // then the FIN is queued behind these bytes and no new edge
             // will come for it (see `Drain`).
             if cfg!(target_os = "linux") && drain == Drain::UntilShortRead && n < want {
-                log::trace!("[{}] short read: drained for now", Show(token));
+                log::trace!("[{}] short read: drained for now", TokenName(token));
                 return;
             }
         }
@@ -154,7 +163,7 @@ impl<P: Protocol> EventLoop<P> {
     /// between phases, and bring its registered interest up to date.
     pub(super) fn settle(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let token = conn_token(key, conn.generation);
+        let token = connection_token(key, conn.generation);
         if conn.has(flag::FAILED) {
             return self.close(key, "error");
         }
@@ -162,7 +171,7 @@ impl<P: Protocol> EventLoop<P> {
             self.stats.dropped_slow += 1;
             log::warn!(
                 "[{}] slow consumer: output passed --max-buffer, disconnecting",
-                Show(token)
+                TokenName(token)
             );
             return self.close(key, "slow consumer");
         }
@@ -200,11 +209,11 @@ impl<P: Protocol> EventLoop<P> {
                     .reregister(&mut conn.stream, token, want)
                 {
                     Ok(()) => {
-                        log::trace!("[{}] interest now {want:?}", Show(token));
+                        log::trace!("[{}] interest now {want:?}", TokenName(token));
                         conn.set_registered(want);
                     }
                     Err(e) => {
-                        log::debug!("[{}] reregister failed: {e}", Show(token));
+                        log::debug!("[{}] reregister failed: {e}", TokenName(token));
                         self.close(key, "error");
                     }
                 }
@@ -215,17 +224,17 @@ impl<P: Protocol> EventLoop<P> {
 
     /// Closes and forgets a connection, and tells the protocol.
     pub(super) fn close(&mut self, key: usize, why: &str) {
-        let token = conn_token(key, self.conns[key].generation);
+        let token = connection_token(key, self.conns[key].generation);
         // Deregister before the stream is dropped and the key freed: the
         // key may be handed to the next accept at once, and epoll must not
         // keep anything of the old socket under it.
         if let Err(e) = self.poll.registry().deregister(&mut self.conns[key].stream) {
-            log::debug!("[{}] deregister failed: {e}", Show(token));
+            log::debug!("[{}] deregister failed: {e}", TokenName(token));
         }
         let conn = self.conns.remove(key);
         self.stats.active -= 1;
         self.stats.closed += 1;
-        log::debug!("[{}] closed ({why})", Show(token));
+        log::debug!("[{}] closed ({why})", TokenName(token));
         let mut outbox = GoneOutbox {
             token,
             broadcasts: &mut self.broadcasts,
@@ -251,7 +260,7 @@ impl<P: Protocol> EventLoop<P> {
             // it in one go: one vectored write each, not one per line.
             let mut mine: Vec<&Rc<[u8]>> = Vec::with_capacity(batch.len());
             for (key, conn) in self.conns.iter_mut() {
-                let token = conn_token(key, conn.generation);
+                let token = connection_token(key, conn.generation);
                 if conn.phase != Phase::Open || conn.has(flag::FAILED | flag::OVERFLOW) {
                     continue;
                 }

@@ -1,7 +1,13 @@
 //! Everything else on the loop: UDP datagrams, signals and graceful
 //! shutdown, and the timers (idle, linger, stats, accept retry).
 
-use super::*;
+use std::io;
+
+use super::{Accepting, EventLoop, SHUTDOWN_GRACE};
+use crate::protocol::Protocol;
+use crate::server::connection::{flag, Phase};
+use crate::server::token::UDP;
+use crate::server::udp::Next;
 
 impl<P: Protocol> EventLoop<P> {
     pub(super) fn on_udp(&mut self, readable: bool, writable: bool) -> io::Result<()> {

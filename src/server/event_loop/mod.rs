@@ -21,13 +21,9 @@
 //! [`crate::protocol`].
 //!
 //! # Tokens
-//! A connection's token carries its slab key in the low 32 bits and a
-//! generation in the high bits (see `conn_token`). A connection closed
-//! while handling one event of a batch frees its key, and an accept later
-//! in the same batch may reuse it; a later event of the batch still
-//! carries the old generation, so `EventLoop::live` ignores it instead
-//! of handing it to the new connection. The same check makes stale ready
-//! list entries and timer entries harmless.
+//! Which token is which socket, and why a connection's token carries a
+//! generation, is [`super::token`]'s subject; [`EventLoop::live`] applies
+//! the stale-event check.
 //!
 //! # Fairness
 //! mio's readiness is edge-triggered: an event means "something changed",
@@ -39,40 +35,28 @@
 //! the next turn, after the others had theirs (redis does the same with
 //! `NET_MAX_WRITES_PER_EVENT`).
 
-use std::io::{self, Read};
-use std::net::Shutdown;
-use std::rc::Rc;
+use std::io;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use super::connection::{flag, write_now, Broadcast, ConnOutbox, Connection, GoneOutbox, Phase};
+use super::connection::{flag, Broadcast, Connection};
 use super::listen::{Listeners, SocketFile};
 use super::stats::Stats;
-use super::stream::Stream;
 use super::timer::Timers;
-use super::udp::{Next, UdpEcho};
+use super::token::{
+    connection_key, FixedTokens, TokenName, LISTENER_TCP, LISTENER_UNIX, SIGNALS, UDP,
+};
+use super::udp::UdpEcho;
 use super::Config;
-use crate::protocol::{Audience, Protocol};
+use crate::protocol::Protocol;
 
 mod accept;
 mod handlers;
 mod lifecycle;
-
-/// The TCP listener.
-pub const LISTENER_TCP: Token = Token(0);
-/// The Unix-domain listener.
-pub const LISTENER_UNIX: Token = Token(1);
-/// The UDP echo socket.
-pub const UDP: Token = Token(2);
-/// SIGINT and SIGTERM, delivered through a self-pipe by signal-hook-mio.
-pub const SIGNALS: Token = Token(3);
-/// Tokens below this belong to the sockets above; connection tokens start here.
-const FIRST_CONN: usize = 16;
 
 /// Size of the one read buffer all connections share. An idle connection
 /// owns no read buffer at all: it reads here, and the bytes are handed on
@@ -92,35 +76,6 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 const LINGER: Duration = Duration::from_secs(1);
 /// How long shutdown waits for queued output to drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// The token of the connection at slab `key` with `generation`.
-/// The one place where keys become tokens; [`conn_key`] is its inverse.
-fn conn_token(key: usize, generation: u32) -> Token {
-    Token(((generation as usize) << 32) | (key + FIRST_CONN))
-}
-
-/// The slab key and generation in a connection token.
-fn conn_key(token: Token) -> (usize, u32) {
-    ((token.0 & 0xffff_ffff) - FIRST_CONN, (token.0 >> 32) as u32)
-}
-
-/// A token as the logs show it: `conn 3#17` is slab key 3, generation 17.
-pub struct Show(pub Token);
-
-impl std::fmt::Display for Show {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            LISTENER_TCP => f.write_str("tcp listener"),
-            LISTENER_UNIX => f.write_str("unix listener"),
-            UDP => f.write_str("udp socket"),
-            SIGNALS => f.write_str("signals"),
-            t => {
-                let (key, generation) = conn_key(t);
-                write!(f, "conn {key}#{generation}")
-            }
-        }
-    }
-}
 
 /// Whether accepting is on, or paused after running out of descriptors.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -177,8 +132,8 @@ pub struct EventLoop<P: Protocol> {
     /// The current episode of descriptor exhaustion was logged; it ends
     /// when an accept finds the backlog empty.
     emfile_logged: bool,
-    /// Listener tokens already on the ready list.
-    listener_ready: [bool; 3],
+    /// The server's own sockets already on the ready list.
+    fixed_ready: FixedTokens,
     started: Instant,
     /// Milliseconds since `started`, read once per wake-up.
     now: u64,
@@ -252,7 +207,7 @@ impl<P: Protocol> EventLoop<P> {
             max_connections,
             accepting: Accepting::On,
             emfile_logged: false,
-            listener_ready: [false; 3],
+            fixed_ready: FixedTokens::default(),
             started: Instant::now(),
             now: 0,
             next_generation: 1,
@@ -289,7 +244,7 @@ impl<P: Protocol> EventLoop<P> {
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
                 log::trace!(
                     "[{}] event:{}{}{}{}",
-                    Show(event.token()),
+                    TokenName(event.token()),
                     if readable { " readable" } else { "" },
                     if writable { " writable" } else { "" },
                     if event.is_read_closed() {
@@ -370,7 +325,7 @@ impl<P: Protocol> EventLoop<P> {
     fn serve_again(&mut self, token: Token) -> io::Result<()> {
         match token {
             LISTENER_TCP | LISTENER_UNIX | UDP => {
-                self.listener_ready[token.0] = false;
+                self.fixed_ready.remove(token);
                 self.dispatch(token, true, false, Drain::ToEnd)
             }
             _ => {
@@ -386,8 +341,8 @@ impl<P: Protocol> EventLoop<P> {
     }
 
     fn push_ready(&mut self, token: Token) {
-        if token.0 < FIRST_CONN {
-            if !std::mem::replace(&mut self.listener_ready[token.0], true) {
+        if connection_key(token).is_none() {
+            if self.fixed_ready.insert(token) {
                 self.ready.push(token);
             }
         } else if let Some(key) = self.live(token) {
@@ -402,34 +357,10 @@ impl<P: Protocol> EventLoop<P> {
     /// The slab key of `token` if that connection is still the one the
     /// token was made for; `None` for a stale token (see the module docs).
     fn live(&self, token: Token) -> Option<usize> {
-        let (key, generation) = conn_key(token);
+        let (key, generation) = connection_key(token)?;
         match self.conns.get(key) {
             Some(c) if c.generation == generation => Some(key),
             _ => None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_never_collide_with_listeners() {
-        for (key, generation) in [
-            (0, 0),
-            (0, 1),
-            (12345, 0x7fff_ffff),
-            (u32::MAX as usize - 16, 7),
-        ] {
-            let t = conn_token(key, generation);
-            assert!(t.0 >= FIRST_CONN);
-            assert_eq!(conn_key(t), (key, generation));
-        }
-        assert_ne!(
-            conn_token(3, 1),
-            conn_token(3, 2),
-            "a reused key gets a new token"
-        );
     }
 }

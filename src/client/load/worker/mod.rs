@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::message::{self, Checker};
 use super::report::{record, Failure, Tally};
 use super::{Plan, Progress, Workload};
-use crate::server::stream::Stream;
+use crate::net::Stream;
 
 mod connect;
 mod traffic;

@@ -1,4 +1,7 @@
-//! One type for the two kinds of stream socket a client can arrive on.
+//! One type for the two kinds of byte-stream socket: TCP and Unix-domain.
+//!
+//! The server accepts both on one loop and the client tools connect with
+//! both, so the type lives below either of them.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;

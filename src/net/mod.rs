@@ -1,0 +1,13 @@
+//! Socket plumbing that the server and the client tools both stand on.
+//!
+//! Nothing here knows about protocols or connections: [`stream`] is one
+//! type for TCP and Unix-domain byte streams, [`io`] holds the two rules
+//! of a non-blocking call (`WouldBlock` means "not now", `Interrupted`
+//! means "again"), and [`limits`] raises the open-file limit that every
+//! socket counts against.
+
+pub mod io;
+pub mod limits;
+pub mod stream;
+
+pub use stream::Stream;
