@@ -3,11 +3,13 @@
 //! Nothing here knows about protocols or connections: [`stream`] is one
 //! type for TCP and Unix-domain byte streams, [`io`] holds the two rules
 //! of a non-blocking call (`WouldBlock` means "not now", `Interrupted`
-//! means "again"), and [`limits`] raises the open-file limit that every
-//! socket counts against.
+//! means "again"), [`ready`] is the list of sockets a loop serves again
+//! after their budget ran out, and [`limits`] raises the open-file limit
+//! that every socket counts against.
 
 pub mod io;
 pub mod limits;
+pub mod ready;
 pub mod stream;
 
 pub use stream::Stream;

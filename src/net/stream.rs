@@ -1,62 +1,87 @@
 //! One type for the two kinds of byte-stream socket: TCP and Unix-domain.
 //!
 //! The server accepts both on one loop and the client tools connect with
-//! both, so the type lives below either of them.
+//! both, so the type lives below either of them. [`Stream`] holds mio's
+//! non-blocking sockets (the reactor and the client tools);
+//! [`BlockingStream`] holds std's blocking ones (the one-thread-per-client
+//! engine). Both are one generic enum, so reading, writing and shutting
+//! down are written once: a socket is shared state in the kernel, so
+//! `&stream` reads and writes like the sockets themselves, and socket
+//! options go through socket2's view of the descriptor.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::time::Duration;
 
 use mio::event::Source;
-use mio::net::{TcpStream, UnixStream};
 use mio::{Interest, Registry, Token};
+use socket2::SockRef;
 
-/// A client's socket: TCP or Unix-domain. Both are byte streams and the
-/// loop treats them alike; the enum costs four bytes next to the fd.
+/// A TCP or a Unix-domain stream socket. The enum costs four bytes next to
+/// the descriptor.
 #[derive(Debug)]
-pub enum Stream {
-    /// A TCP client.
-    Tcp(TcpStream),
-    /// A Unix-domain stream client.
-    Unix(UnixStream),
+pub enum AnyStream<T, U> {
+    /// A TCP socket.
+    Tcp(T),
+    /// A Unix-domain stream socket.
+    Unix(U),
 }
 
-impl Stream {
+/// A non-blocking socket, for poll loops.
+pub type Stream = AnyStream<mio::net::TcpStream, mio::net::UnixStream>;
+
+/// A blocking socket, for one thread per client.
+pub type BlockingStream = AnyStream<std::net::TcpStream, std::os::unix::net::UnixStream>;
+
+impl<T: AsFd, U: AsFd> AnyStream<T, U> {
+    /// socket2's view of the descriptor, for what std and mio both lack.
+    fn socket(&self) -> SockRef<'_> {
+        match self {
+            AnyStream::Tcp(s) => SockRef::from(s),
+            AnyStream::Unix(s) => SockRef::from(s),
+        }
+    }
+
     /// Shuts down one or both directions of the socket.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.shutdown(how),
-            Stream::Unix(s) => s.shutdown(how),
-        }
+        self.socket().shutdown(how)
     }
 
-    /// True for a Unix-domain client.
+    /// True for a Unix-domain socket.
     pub fn is_unix(&self) -> bool {
-        matches!(self, Stream::Unix(_))
+        matches!(self, AnyStream::Unix(_))
     }
 }
 
-// `&Stream` reads and writes like the mio streams themselves: the socket
-// is shared state in the kernel, so no `&mut` is needed to use it.
-impl Read for &Stream {
+impl<T, U> Read for &AnyStream<T, U>
+where
+    for<'a> &'a T: Read,
+    for<'a> &'a U: Read,
+{
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).read(buf),
-            Stream::Unix(s) => (&*s).read(buf),
+        match *self {
+            AnyStream::Tcp(s) => (&*s).read(buf),
+            AnyStream::Unix(s) => (&*s).read(buf),
         }
     }
 }
 
-impl Write for &Stream {
+impl<T, U> Write for &AnyStream<T, U>
+where
+    for<'a> &'a T: Write,
+    for<'a> &'a U: Write,
+{
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).write(buf),
-            Stream::Unix(s) => (&*s).write(buf),
+        match *self {
+            AnyStream::Tcp(s) => (&*s).write(buf),
+            AnyStream::Unix(s) => (&*s).write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).write_vectored(bufs),
-            Stream::Unix(s) => (&*s).write_vectored(bufs),
+        match *self {
+            AnyStream::Tcp(s) => (&*s).write_vectored(bufs),
+            AnyStream::Unix(s) => (&*s).write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -82,5 +107,43 @@ impl Source for Stream {
             Stream::Tcp(s) => s.deregister(r),
             Stream::Unix(s) => s.deregister(r),
         }
+    }
+}
+
+impl BlockingStream {
+    /// A second handle on the same socket (one thread reads, others write).
+    pub fn try_clone(&self) -> io::Result<BlockingStream> {
+        Ok(match self {
+            AnyStream::Tcp(s) => AnyStream::Tcp(s.try_clone()?),
+            AnyStream::Unix(s) => AnyStream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// How long a read may block (`None`: for ever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.socket().set_read_timeout(t)
+    }
+
+    /// How long a write may block (`None`: for ever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.socket().set_write_timeout(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocking_pair_reads_writes_and_shuts_down_through_one_type() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (a, b): (BlockingStream, BlockingStream) = (AnyStream::Unix(a), AnyStream::Unix(b));
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&a).write_all(b"ping").unwrap();
+        a.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        (&b).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ping");
+        assert!(b.is_unix());
     }
 }

@@ -153,7 +153,7 @@ impl Protocol for Chat {
         s.lines = lines;
         if result == Err(TooLong) && !s.done {
             out.reply(b"* error: line too long\n");
-            out.close(Close::Reject);
+            out.close(Close::Linger);
             s.done = true;
             s.lines = LineSplitter::default();
         }
@@ -375,7 +375,7 @@ mod tests {
             assert!(out.replies.is_empty(), "17 bytes may still end in \\r\\n");
             let out = say(&mut chat, &mut a, b"y");
             assert_eq!(out.replies, b"* error: line too long\n");
-            assert_eq!(out.closed, Some(Close::Reject));
+            assert_eq!(out.closed, Some(Close::Linger));
             let out = say(&mut chat, &mut a, b"more\n");
             assert!(out.replies.is_empty() && out.broadcasts.is_empty());
         }

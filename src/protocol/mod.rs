@@ -36,7 +36,7 @@ pub enum Close {
     /// input for a short while before closing, so that a client still
     /// sending does not turn the close into a reset that loses the last
     /// reply (chat's `* error: line too long`).
-    Reject,
+    Linger,
 }
 
 /// Where a protocol sends its output.

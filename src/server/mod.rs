@@ -3,26 +3,34 @@
 //! [`Config`] is what `reactor serve` was asked for. [`serve`] binds every
 //! listener, prints the `listening on ...` lines and runs the engine until
 //! a signal ends it:
-//! - [`event_loop`]: one thread, one `mio::Poll`, every socket (the point
-//!   of the project);
-//! - [`threads`]: one blocking thread per client, the tutorial's design,
+//! - `event_loop`: one thread, one `mio::Poll`, every socket (the point of
+//!   the project), with `connection` (one client's state machine),
+//!   `token` (which token is which socket), `timer`, `udp` and `listen`;
+//! - `threads`: one blocking thread per client, the tutorial's design,
 //!   kept for comparison.
+//!
+//! [`Server`] runs the event loop in-process (tests, embedding): bind,
+//! read the address, run on a thread, stop through a [`StopHandle`].
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub mod connection;
-pub mod event_loop;
-pub mod listen;
+pub(crate) mod connection;
+pub(crate) mod event_loop;
+pub(crate) mod listen;
 pub mod stats;
-pub mod threads;
-pub mod timer;
+pub(crate) mod threads;
+pub(crate) mod timer;
 pub mod token;
-pub mod udp;
+pub(crate) mod udp;
 
-use crate::protocol::{Chat, Echo};
+pub use connection::CloseReason;
+pub use event_loop::StopHandle;
+pub use stats::Stats;
+
+use crate::protocol::{Chat, Echo, Protocol};
 
 /// Which protocol the server speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +63,24 @@ pub enum Engine {
 /// Descriptors kept back from `--max-connections`' default for the
 /// server's own use: epoll, listeners, signal pipe, stdio, log.
 pub const FD_RESERVE: usize = 32;
+
+/// How long a connection that said its last words (chat's `* error: line
+/// too long`) reads and drops input before the close, so the client sees
+/// those words rather than a reset. Both engines use it.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+
+/// A client accepted past `--max-connections`: count it, log it, and
+/// return what to send it before the close (chat: `* error: server
+/// full`). The engines write the line each their own way.
+pub(crate) fn turn_away<P: Protocol>(
+    protocol: &mut P,
+    stats: &mut Stats,
+    held: usize,
+) -> &'static [u8] {
+    stats.rejected += 1;
+    log::debug!("rejected a client: {held} connections held");
+    protocol.reject()
+}
 
 /// Everything `reactor serve` can be told.
 #[derive(Clone, Debug)]
@@ -120,42 +146,200 @@ impl std::fmt::Display for ServeError {
 
 impl std::error::Error for ServeError {}
 
-/// Binds the listeners `config` asks for, prints one `listening on` line
-/// per listener on stdout, and serves until SIGINT or SIGTERM.
-pub fn serve(config: Config) -> Result<(), ServeError> {
+/// The event loop of either protocol, bound and ready to run.
+enum Reactor {
+    Echo(event_loop::EventLoop<Echo>),
+    Chat(event_loop::EventLoop<Chat>),
+}
+
+/// A server bound and ready, running in this process: the reactor engine,
+/// for tests and programs that embed it. `reactor serve` is [`serve`].
+///
+/// The loop is single-threaded and its state is not `Send`, so it is
+/// built on the thread that runs it; [`Server::spawn`] does both and hands
+/// back the address and a stop handle.
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use reactor::server::{Config, Server};
+///
+/// let config = Config {
+///     addr: "127.0.0.1:0".parse().unwrap(),
+///     ..Config::default()
+/// };
+/// let server = Server::spawn(config).unwrap();
+/// let mut client = std::net::TcpStream::connect(server.addr).unwrap();
+/// client.write_all(b"hello").unwrap();
+/// let mut echo = [0; 5];
+/// client.read_exact(&mut echo).unwrap();
+/// assert_eq!(&echo, b"hello");
+/// drop(client);
+/// let stats = server.stop().unwrap();
+/// assert_eq!(stats.accepted, 1);
+/// ```
+pub struct Server {
+    reactor: Reactor,
+    addr: SocketAddr,
+    lines: Vec<String>,
+}
+
+impl Server {
+    /// Binds every listener `config` asks for and sets up the event loop
+    /// (signals included: SIGINT and SIGTERM stop it as they stop
+    /// `reactor serve`).
+    pub fn bind(config: Config) -> Result<Server, ServeError> {
+        check(&config)?;
+        let listeners = listen::Listeners::bind(&config)?;
+        let max_connections = max_connections(&config);
+        let addr = listeners.tcp_addr().map_err(ServeError::Io)?;
+        let lines = listening_lines(&config, &listeners).map_err(ServeError::Io)?;
+        let reactor = match config.mode {
+            Mode::Echo => Reactor::Echo(event_loop::EventLoop::new(
+                config,
+                max_connections,
+                listeners,
+                Echo,
+            )?),
+            Mode::Chat => {
+                let chat = Chat::new(config.max_line);
+                Reactor::Chat(event_loop::EventLoop::new(
+                    config,
+                    max_connections,
+                    listeners,
+                    chat,
+                )?)
+            }
+        };
+        Ok(Server {
+            reactor,
+            addr,
+            lines,
+        })
+    }
+
+    /// The TCP address it listens on (the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A handle that stops the server gracefully from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        match &self.reactor {
+            Reactor::Echo(l) => l.stop_handle(),
+            Reactor::Chat(l) => l.stop_handle(),
+        }
+    }
+
+    /// Serves until stopped (a signal or the stop handle) and the graceful
+    /// shutdown is over; returns the final counters.
+    pub fn run(self) -> Result<Stats, ServeError> {
+        match self.reactor {
+            Reactor::Echo(l) => l.run(),
+            Reactor::Chat(l) => l.run(),
+        }
+        .map_err(ServeError::Io)
+    }
+}
+
+/// A [`Server`] running on a thread of its own.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The TCP address it listens on.
+    pub addr: SocketAddr,
+    /// Stops it gracefully.
+    pub stop_handle: StopHandle,
+    thread: std::thread::JoinHandle<Result<Stats, ServeError>>,
+}
+
+impl Spawned {
+    /// Stops the server gracefully and waits for it; its final counters.
+    pub fn stop(self) -> Result<Stats, ServeError> {
+        self.stop_handle.stop();
+        self.wait()
+    }
+
+    /// Waits for the server to end (a signal, or a stop handle elsewhere).
+    pub fn wait(self) -> Result<Stats, ServeError> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(ServeError::Io(io::Error::other("server thread panicked"))))
+    }
+}
+
+impl Server {
+    /// Binds and runs a server on a new thread.
+    pub fn spawn(config: Config) -> Result<Spawned, ServeError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("reactor".into())
+            .spawn(move || {
+                let server = match Server::bind(config) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return Ok(Stats::default());
+                    }
+                };
+                let _ = tx.send(Ok((server.local_addr(), server.stop_handle())));
+                server.run()
+            })
+            .map_err(ServeError::Io)?;
+        let (addr, stop_handle) = rx
+            .recv()
+            .map_err(|_| ServeError::Io(io::Error::other("server thread ended early")))??;
+        Ok(Spawned {
+            addr,
+            stop_handle,
+            thread,
+        })
+    }
+}
+
+/// Settings that do not go together, whatever the engine.
+fn check(config: &Config) -> Result<(), ServeError> {
     if config.udp.is_some() && config.mode == Mode::Chat {
         return Err(ServeError::Usage(
             "--udp serves echo only; it cannot be used with --mode chat".into(),
         ));
     }
+    Ok(())
+}
+
+/// Raises the open-file limit and works out how many connections to hold:
+/// `--max-connections`, or what the limit leaves after [`FD_RESERVE`].
+fn max_connections(config: &Config) -> usize {
     let limit = crate::net::limits::raise_fd_limit();
-    let max_connections = config
+    let max = config
         .max_connections
         .unwrap_or_else(|| (limit as usize).saturating_sub(FD_RESERVE).max(1));
-    let listeners = listen::Listeners::bind(&config)?;
-    let lines = listening_lines(&config, &listeners).map_err(ServeError::Io)?;
-    log::info!("open-file limit {limit}; holding at most {max_connections} connections");
-    // The `listening on` lines tell a supervisor the server is ready, so
-    // they are printed only once SIGTERM is handled by the loop: a signal
-    // sent the moment the line appears must shut down gracefully, not kill.
-    let announce = move || print_lines(&lines);
-    match (config.engine, config.mode) {
-        (Engine::Reactor, Mode::Echo) => {
-            let event_loop = event_loop::EventLoop::new(config, max_connections, listeners, Echo)?;
-            announce().map_err(ServeError::Io)?;
-            event_loop.run()
+    log::info!("open-file limit {limit}; holding at most {max} connections");
+    max
+}
+
+/// Binds the listeners `config` asks for, prints one `listening on` line
+/// per listener on stdout, and serves until SIGINT or SIGTERM.
+pub fn serve(config: Config) -> Result<(), ServeError> {
+    match config.engine {
+        Engine::Reactor => {
+            let server = Server::bind(config)?;
+            // The `listening on` lines tell a supervisor the server is
+            // ready, so they are printed only once SIGTERM is handled by
+            // the loop: a signal sent the moment the line appears must
+            // shut down gracefully, not kill.
+            print_lines(&server.lines).map_err(ServeError::Io)?;
+            server.run().map(|_| ())
         }
-        (Engine::Reactor, Mode::Chat) => {
-            let chat = Chat::new(config.max_line);
-            let event_loop = event_loop::EventLoop::new(config, max_connections, listeners, chat)?;
-            announce().map_err(ServeError::Io)?;
-            event_loop.run()
-        }
-        (Engine::Threads, mode) => {
+        Engine::Threads => {
+            check(&config)?;
+            let listeners = listen::Listeners::bind(&config)?;
+            let max_connections = max_connections(&config);
+            let lines = listening_lines(&config, &listeners).map_err(ServeError::Io)?;
+            let mode = config.mode;
+            let announce = move || print_lines(&lines);
             threads::run(config, mode, max_connections, listeners, Box::new(announce))
+                .map_err(ServeError::Io)
         }
     }
-    .map_err(ServeError::Io)
 }
 
 /// One `listening on` line per listener, TCP first.

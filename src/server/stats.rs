@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::connection::CloseReason;
+
 /// What the server has done since it started.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -15,8 +17,12 @@ pub struct Stats {
     pub rejected: u64,
     /// Connections closed.
     pub closed: u64,
+    /// Of those, by reason, in the order of [`CloseReason::ALL`].
+    pub closed_by: [u64; CloseReason::ALL.len()],
     /// Slow chat consumers dropped for passing `--max-buffer`.
     pub dropped_slow: u64,
+    /// Times accepting paused because descriptors (or socket memory) ran out.
+    pub accept_paused: u64,
     /// Bytes read from clients.
     pub bytes_in: u64,
     /// Bytes written to clients.
@@ -27,6 +33,18 @@ pub struct Stats {
     pub udp_out: u64,
     /// UDP datagrams dropped because the send queue was full.
     pub udp_dropped: u64,
+}
+
+impl Stats {
+    /// Counts one closed connection.
+    pub fn count_close(&mut self, reason: CloseReason) {
+        self.active -= 1;
+        self.closed += 1;
+        self.closed_by[reason as usize] += 1;
+        if reason == CloseReason::SlowConsumer {
+            self.dropped_slow += 1;
+        }
+    }
 }
 
 impl fmt::Display for Stats {

@@ -16,8 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, UdpSocket};
-use std::os::unix::net::UnixStream;
+use std::net::{Shutdown, UdpSocket};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -28,65 +27,18 @@ use signal_hook::iterator::Signals;
 
 use super::listen::Listeners;
 use super::stats::Stats;
-use super::{Config, Mode};
+use super::{turn_away, Config, Mode, LINGER};
+use crate::net::stream::{AnyStream, BlockingStream};
 use crate::protocol::{Audience, Chat, Close, Echo, Outbox, Protocol};
 
 /// A chat recipient that blocks a sender this long is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a rejected chat client's input is discarded before the close.
-const LINGER: Duration = Duration::from_secs(1);
 /// Read size per call.
 const READ_BUF: usize = 16 * 1024;
 
-/// A blocking client socket.
-#[derive(Debug)]
-enum Sock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Sock {
-    fn try_clone(&self) -> io::Result<Sock> {
-        Ok(match self {
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
-            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
-        })
-    }
-    fn shutdown(&self, how: Shutdown) {
-        let _ = match self {
-            Sock::Tcp(s) => s.shutdown(how),
-            Sock::Unix(s) => s.shutdown(how),
-        };
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.set_read_timeout(t),
-            Sock::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.set_write_timeout(t),
-            Sock::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Unix(s) => s.read(buf),
-        }
-    }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.write_all(buf),
-            Sock::Unix(s) => s.write_all(buf),
-        }
-    }
-}
-
 /// The writing half of a client, shared with every thread that may
 /// broadcast to it. The mutex keeps two broadcasts from interleaving.
-type Peer = Arc<Mutex<Sock>>;
+type Peer = Arc<Mutex<BlockingStream>>;
 
 struct State<P> {
     protocol: P,
@@ -111,13 +63,13 @@ impl<P> Shared<P> {
 
 /// What a protocol call produced, delivered after the lock is released.
 #[derive(Default)]
-struct Collect {
+struct Replies {
     replies: Vec<u8>,
     broadcasts: Vec<Rc<[u8]>>,
     close: Option<Close>,
 }
 
-impl Outbox for Collect {
+impl Outbox for Replies {
     fn reply(&mut self, bytes: &[u8]) {
         self.replies.extend_from_slice(bytes);
     }
@@ -188,7 +140,7 @@ where
             match conn {
                 Ok(c) => {
                     let _ = c.set_nodelay(true);
-                    admit(&s, Sock::Tcp(c), false);
+                    admit(&s, AnyStream::Tcp(c), false);
                 }
                 Err(e) => accept_failed(e),
             }
@@ -201,7 +153,7 @@ where
         thread::spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(c) => admit(&s, Sock::Unix(c), true),
+                    Ok(c) => admit(&s, AnyStream::Unix(c), true),
                     Err(e) => accept_failed(e),
                 }
             }
@@ -226,7 +178,7 @@ fn accept_failed(e: io::Error) {
     thread::sleep(Duration::from_millis(100));
 }
 
-fn admit<P>(shared: &Arc<Shared<P>>, sock: Sock, unix: bool)
+fn admit<P>(shared: &Arc<Shared<P>>, sock: BlockingStream, unix: bool)
 where
     P: Protocol + Send + 'static,
     P::Session: Send,
@@ -237,11 +189,13 @@ where
         st.stats.accepted_unix += 1;
     }
     if st.peers.len() >= shared.max_connections {
-        st.stats.rejected += 1;
-        let line = st.protocol.reject();
+        let held = st.peers.len();
+        let State {
+            protocol, stats, ..
+        } = &mut *st;
+        let line = turn_away(protocol, stats, held);
         drop(st);
-        let mut sock = sock;
-        let _ = sock.write_all(line);
+        let _ = (&sock).write_all(line);
         return;
     }
     let writer = match sock.try_clone() {
@@ -268,14 +222,14 @@ where
 }
 
 /// One client's whole life, on its own thread.
-fn client<P: Protocol>(shared: &Shared<P>, id: u64, mut sock: Sock, me: Peer) {
+fn client<P: Protocol>(shared: &Shared<P>, id: u64, sock: BlockingStream, me: Peer) {
     let _ = sock.set_read_timeout(shared.idle);
-    let mut out = Collect::default();
+    let mut out = Replies::default();
     let mut session = shared.lock().protocol.open(&mut out);
     let mut buf = vec![0; READ_BUF];
     let mut ok = deliver(shared, id, &me, &mut out);
     while ok && out.close.is_none() {
-        let n = match sock.read(&mut buf) {
+        let n = match (&sock).read(&mut buf) {
             Ok(0) => {
                 shared.lock().protocol.eof(&mut session, &mut out);
                 ok = deliver(shared, id, &me, &mut out);
@@ -292,12 +246,12 @@ fn client<P: Protocol>(shared: &Shared<P>, id: u64, mut sock: Sock, me: Peer) {
         drop(st);
         ok = deliver(shared, id, &me, &mut out);
     }
-    if ok && out.close == Some(Close::Reject) {
+    if ok && out.close == Some(Close::Linger) {
         // Let the error line arrive before the close: shut our side and
         // drain what the client still sends for a moment.
-        sock.shutdown(Shutdown::Write);
+        let _ = sock.shutdown(Shutdown::Write);
         let _ = sock.set_read_timeout(Some(LINGER));
-        while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
+        while matches!((&sock).read(&mut buf), Ok(n) if n > 0) {}
     }
     let mut st = shared.lock();
     st.peers.remove(&id);
@@ -311,11 +265,11 @@ fn client<P: Protocol>(shared: &Shared<P>, id: u64, mut sock: Sock, me: Peer) {
 
 /// Writes replies to the client and broadcasts to the others, with no
 /// lock on the shared state held. False when the client's socket failed.
-fn deliver<P>(shared: &Shared<P>, id: u64, me: &Peer, out: &mut Collect) -> bool {
+fn deliver<P>(shared: &Shared<P>, id: u64, me: &Peer, out: &mut Replies) -> bool {
     let mut ok = true;
     if !out.replies.is_empty() {
-        let mut sock = me.lock().unwrap_or_else(|p| p.into_inner());
-        ok = sock.write_all(&out.replies).is_ok();
+        let sock = me.lock().unwrap_or_else(|p| p.into_inner());
+        ok = (&*sock).write_all(&out.replies).is_ok();
         drop(sock);
         if ok {
             shared.lock().stats.bytes_out += out.replies.len() as u64;
@@ -332,12 +286,12 @@ fn deliver<P>(shared: &Shared<P>, id: u64, me: &Peer, out: &mut Collect) -> bool
             .collect();
         for chunk in out.broadcasts.drain(..) {
             for (pid, peer) in &peers {
-                let mut sock = peer.lock().unwrap_or_else(|p| p.into_inner());
-                if sock.write_all(&chunk).is_err() {
+                let sock = peer.lock().unwrap_or_else(|p| p.into_inner());
+                if (&*sock).write_all(&chunk).is_err() {
                     // A slow or vanished recipient: shut it down; its own
                     // thread sees the error, leaves and says so.
                     log::warn!("[client-{pid}] cannot take a broadcast: disconnecting");
-                    sock.shutdown(Shutdown::Both);
+                    let _ = sock.shutdown(Shutdown::Both);
                 }
             }
         }

@@ -40,14 +40,10 @@ impl Timers {
         }
     }
 
-    /// Entries held (at most two per connection).
+    /// Entries held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.heap.len()
-    }
-
-    /// True when no deadline is pending.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
     }
 }
 

@@ -5,8 +5,8 @@
 //!
 //! ```text
 //!   0  LISTENER_TCP     3  SIGNALS
-//!   1  LISTENER_UNIX    4  METRICS (reserved)
-//!   2  UDP              5..15 reserved for sockets of the server's own
+//!   1  LISTENER_UNIX    4  METRICS
+//!   2  UDP              5  STOP        6..15 free for the server's own
 //!  16.. connections:  slab key + 16 in the low 32 bits, generation above
 //! ```
 //!
@@ -29,6 +29,11 @@ pub const LISTENER_UNIX: Token = Token(1);
 pub const UDP: Token = Token(2);
 /// SIGINT and SIGTERM, delivered through a self-pipe by signal-hook-mio.
 pub const SIGNALS: Token = Token(3);
+/// The metrics listener (`--metrics`).
+pub const METRICS: Token = Token(4);
+/// The stop handle's `mio::Waker`: another thread asks for a graceful
+/// shutdown (tests that run the server in-process).
+pub const STOP: Token = Token(5);
 /// Tokens below this are the server's own sockets; connections start here.
 const FIRST_CONNECTION: usize = 16;
 /// Generations wrap at 31 bits, so a connection token never collides with
@@ -64,6 +69,8 @@ impl fmt::Display for TokenName {
             LISTENER_UNIX => f.write_str("unix listener"),
             UDP => f.write_str("udp socket"),
             SIGNALS => f.write_str("signals"),
+            METRICS => f.write_str("metrics listener"),
+            STOP => f.write_str("stop handle"),
             t => match connection_key(t) {
                 Some((key, generation)) => write!(f, "conn {key}#{generation}"),
                 None => write!(f, "token {}", t.0),

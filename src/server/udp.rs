@@ -13,6 +13,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 
 use super::stats::Stats;
+use crate::net::io::attempt;
 
 /// Datagrams handled per readiness event before yielding to other sockets.
 const RECV_BUDGET: usize = 256;
@@ -54,43 +55,42 @@ impl UdpEcho {
     }
 
     /// Bytes waiting to be sent.
+    #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
     }
 
     /// Receives until `WouldBlock` (or the budget), echoing each datagram.
-    pub fn on_readable(&mut self, scratch: &mut [u8], stats: &mut Stats) -> io::Result<Next> {
+    /// A receive error other than those of one peer is logged, and the
+    /// socket waits for its next datagram: one UDP socket's trouble never
+    /// ends the server.
+    pub fn on_readable(&mut self, scratch: &mut [u8], stats: &mut Stats) -> Next {
         for _ in 0..RECV_BUDGET {
-            let (n, peer) = match self.socket.recv_from(scratch) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Next::Wait),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            let (n, peer) = match attempt(|| self.socket.recv_from(scratch)) {
+                Ok(Some(r)) => r,
+                Ok(None) => return Next::Wait,
                 // An ICMP error from an earlier send to a closed port
                 // surfaces here on Linux; it concerns that peer only.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    log::warn!("udp: receive failed: {e}");
+                    return Next::Wait;
+                }
             };
             stats.udp_in += 1;
             stats.bytes_in += n as u64;
-            self.echo(peer, &scratch[..n], stats)?;
+            self.echo(peer, &scratch[..n], stats);
         }
-        Ok(Next::MoreReady)
+        Next::MoreReady
     }
 
-    fn echo(&mut self, peer: SocketAddr, data: &[u8], stats: &mut Stats) -> io::Result<()> {
-        if self.queue.is_empty() {
-            match send(&self.socket, peer, data) {
-                Ok(true) => {
-                    stats.udp_out += 1;
-                    stats.bytes_out += data.len() as u64;
-                    return Ok(());
-                }
-                Ok(false) => {}
-                Err(e) => return Err(e),
-            }
+    fn echo(&mut self, peer: SocketAddr, data: &[u8], stats: &mut Stats) {
+        if self.queue.is_empty() && send(&self.socket, peer, data) {
+            stats.udp_out += 1;
+            stats.bytes_out += data.len() as u64;
+            return;
         }
         self.queue_or_drop(peer, data, stats);
-        Ok(())
     }
 
     /// Keeps a datagram the socket would not take, unless that would
@@ -105,9 +105,9 @@ impl UdpEcho {
     }
 
     /// Sends queued datagrams until the queue is empty or the socket would block.
-    pub fn on_writable(&mut self, stats: &mut Stats) -> io::Result<()> {
+    pub fn on_writable(&mut self, stats: &mut Stats) {
         while let Some((peer, data)) = self.queue.front() {
-            if !send(&self.socket, *peer, data)? {
+            if !send(&self.socket, *peer, data) {
                 break;
             }
             stats.udp_out += 1;
@@ -119,7 +119,6 @@ impl UdpEcho {
             // Release the queue's memory after a burst.
             self.queue = VecDeque::new();
         }
-        Ok(())
     }
 
     /// Asks for `WRITABLE` only while datagrams are queued.
@@ -143,19 +142,16 @@ impl UdpEcho {
     }
 }
 
-/// Sends one datagram; `Ok(false)` when the socket would block.
-fn send(socket: &UdpSocket, peer: SocketAddr, data: &[u8]) -> io::Result<bool> {
-    loop {
-        match socket.send_to(data, peer) {
-            Ok(_) => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            // A peer that went away or an oversized reply affects only
-            // that datagram; the socket keeps serving the others.
-            Err(e) => {
-                log::debug!("udp send to {peer} failed: {e}");
-                return Ok(true);
-            }
+/// Sends one datagram; false when the socket would block (keep it).
+fn send(socket: &UdpSocket, peer: SocketAddr, data: &[u8]) -> bool {
+    match attempt(|| socket.send_to(data, peer)) {
+        Ok(Some(_)) => true,
+        Ok(None) => false,
+        // A peer that went away or an oversized reply affects only that
+        // datagram (it is gone); the socket keeps serving the others.
+        Err(e) => {
+            log::debug!("udp send to {peer} failed: {e}");
+            true
         }
     }
 }
@@ -189,7 +185,7 @@ mod tests {
         let mut stats = Stats::default();
         udp.queue_or_drop(to, b"first", &mut stats);
         udp.queue_or_drop(to, b"second", &mut stats);
-        udp.on_writable(&mut stats).unwrap();
+        udp.on_writable(&mut stats);
         assert_eq!(udp.queued_bytes(), 0);
         assert_eq!(stats.udp_out, 2);
         peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))

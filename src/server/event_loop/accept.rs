@@ -1,106 +1,128 @@
 //! Accepting: drain the listener's backlog, open connections, and pause
-//! cleanly when the process runs out of descriptors.
+//! cleanly when the process runs out of descriptors (or the kernel out of
+//! memory for sockets), instead of spinning on a listener it cannot serve.
 
 use std::io;
 
-use mio::net::TcpStream;
 use mio::{Interest, Token};
 
 use super::{Accepting, EventLoop, ACCEPT_BUDGET, ACCEPT_RETRY};
+use crate::net::io::attempt;
 use crate::net::Stream;
 use crate::protocol::Protocol;
-use crate::server::connection::{flag, write_now, ConnOutbox, Connection, Phase};
+use crate::server::connection::{write_now, ConnOutbox, Connection, State};
 use crate::server::token::{
     connection_token, next_generation, TokenName, LISTENER_TCP, LISTENER_UNIX,
 };
+use crate::server::turn_away;
 
 impl<P: Protocol> EventLoop<P> {
-    pub(super) fn accept(&mut self, token: Token) -> io::Result<()> {
+    /// A listener is readable: accept until `WouldBlock`, or until the
+    /// budget is spent (then the ready list brings us back next turn).
+    pub(super) fn accept(&mut self, token: Token) {
         if self.accepting != Accepting::On {
-            return Ok(());
+            return;
         }
         for _ in 0..ACCEPT_BUDGET {
-            let accepted = match token {
+            let accepted = attempt(|| match token {
                 LISTENER_TCP => match &self.tcp {
-                    Some(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-                    None => return Ok(()),
+                    Some(l) => l.accept().map(|(s, _)| Some(Stream::Tcp(s))),
+                    None => Ok(None),
                 },
                 _ => match &self.unix {
-                    Some((l, _)) => l.accept().map(|(s, _)| Stream::Unix(s)),
-                    None => return Ok(()),
+                    Some((l, _)) => l.accept().map(|(s, _)| Some(Stream::Unix(s))),
+                    None => Ok(None),
                 },
-            };
+            });
             match accepted {
-                Ok(stream) => self.open(stream)?,
+                Ok(Some(Some(stream))) => self.open(stream),
+                // The listener is gone (shutdown began this turn).
+                Ok(Some(None)) => return,
                 // Drained: the next connection raises a new edge.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(None) => {
                     log::trace!("[{}] accept: WouldBlock, drained", TokenName(token));
                     // Nobody is left waiting: any shortage of descriptors
                     // is over. (While clients still wait, each close lets
                     // one more in and the limit is hit again at once; that
                     // is one episode, not one warning per close.)
                     self.emfile_logged = false;
-                    return Ok(());
+                    return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_out_of_fds(&e) => return self.pause_accepting(e),
+                Err(e) if is_shortage(&e) => return self.pause_accepting(e),
                 // ECONNABORTED and friends concern that one connection,
-                // which the client gave up on before we took it.
+                // which the client gave up on before we took it; it has
+                // left the backlog, so going on cannot spin.
                 Err(e) => log::debug!("accept failed: {e}"),
             }
         }
         // Budget spent, maybe with more connections waiting in the backlog.
         self.push_ready(token);
-        Ok(())
     }
 
-    /// Out of descriptors: stop watching the listeners (an edge-triggered
-    /// listener would wake us for every new SYN and fail again: a busy
-    /// loop) and look again when a connection closes or after
-    /// [`ACCEPT_RETRY`]. Pending connects wait in the backlog meanwhile.
-    pub(super) fn pause_accepting(&mut self, e: io::Error) -> io::Result<()> {
+    /// Out of descriptors or socket memory: stop watching the listeners
+    /// (an edge-triggered listener would wake us for every new SYN and
+    /// fail again: a busy loop) and look again when a connection closes or
+    /// after [`ACCEPT_RETRY`]. Pending connects wait in the backlog.
+    fn pause_accepting(&mut self, e: io::Error) {
         if !self.emfile_logged {
+            let what = match e.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",
+                _ => "out of memory for sockets",
+            };
             log::warn!(
-                "accept: {e} (open-file limit reached with {} clients); \
-                 serving them and accepting again once descriptors free up",
+                "accept: {e} ({what} with {} clients); serving them and accepting \
+                 again once resources free up",
                 self.conns.len()
             );
             self.emfile_logged = true;
         }
+        self.stats.accept_paused += 1;
         self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
         let registry = self.poll.registry();
+        // Deregistering can only fail if the listener was not registered;
+        // either way it is not watched now, which is what we want.
         if let Some(l) = self.tcp.as_mut() {
-            registry.deregister(l)?;
+            let _ = registry.deregister(l);
         }
         if let Some((l, _)) = self.unix.as_mut() {
-            registry.deregister(l)?;
+            let _ = registry.deregister(l);
         }
-        Ok(())
     }
 
-    pub(super) fn resume_accepting(&mut self) -> io::Result<()> {
+    /// Watches the listeners again after a pause. Connections that queued
+    /// meanwhile raised their edges long ago, so the ready list makes us
+    /// accept them now. A listener that cannot be registered (the kernel
+    /// is short of memory too) stays paused for another [`ACCEPT_RETRY`].
+    pub(super) fn resume_accepting(&mut self) {
         if !matches!(self.accepting, Accepting::PausedUntil(_)) {
-            return Ok(());
+            return;
         }
-        self.accepting = Accepting::On;
-        // Connections that queued while we were not looking raised their
-        // edges long ago; the ready list makes us accept them now.
+        let registry = self.poll.registry();
+        let mut result = Ok(());
         if let Some(l) = self.tcp.as_mut() {
-            self.poll
-                .registry()
-                .register(l, LISTENER_TCP, Interest::READABLE)?;
-            self.push_ready(LISTENER_TCP);
+            result = result.and(registry.register(l, LISTENER_TCP, Interest::READABLE));
         }
         if let Some((l, _)) = self.unix.as_mut() {
-            self.poll
-                .registry()
-                .register(l, LISTENER_UNIX, Interest::READABLE)?;
-            self.push_ready(LISTENER_UNIX);
+            result = result.and(registry.register(l, LISTENER_UNIX, Interest::READABLE));
         }
-        Ok(())
+        match result {
+            Ok(()) => {
+                self.accepting = Accepting::On;
+                self.push_ready(LISTENER_TCP);
+                if self.unix.is_some() {
+                    self.push_ready(LISTENER_UNIX);
+                }
+            }
+            Err(e) => {
+                log::warn!("cannot watch the listeners again: {e}; retrying");
+                self.pause_accepting(e);
+            }
+        }
     }
 
-    pub(super) fn open(&mut self, mut stream: Stream) -> io::Result<()> {
+    /// A new client: admit it (register, store, greet) or, past
+    /// `--max-connections`, turn it away at once.
+    fn open(&mut self, mut stream: Stream) {
         self.stats.accepted += 1;
         if stream.is_unix() {
             self.stats.accepted_unix += 1;
@@ -108,16 +130,18 @@ impl<P: Protocol> EventLoop<P> {
         if self.conns.len() >= self.max_connections {
             // Accept and close at once: leaving it in the backlog would
             // keep the client waiting on a server that has no room.
-            self.stats.rejected += 1;
-            let line = self.protocol.reject();
+            let line = turn_away(&mut self.protocol, &mut self.stats, self.conns.len());
             if !line.is_empty() {
                 let _ = write_now(&stream, line, &mut self.stats);
             }
-            log::debug!("rejected a client: {} connections held", self.conns.len());
-            return Ok(());
+            return;
         }
         if let Stream::Tcp(s) = &stream {
-            set_nodelay(s);
+            // Echo and chat answer at once; Nagle would hold small replies
+            // back waiting for an ACK the client delays.
+            if let Err(e) = s.set_nodelay(true) {
+                log::debug!("TCP_NODELAY: {e}");
+            }
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
@@ -130,17 +154,16 @@ impl<P: Protocol> EventLoop<P> {
             .register(&mut stream, token, Interest::READABLE)
         {
             log::warn!("cannot register a new client: {e}");
-            return Ok(());
+            return;
         }
         // The welcome (chat) goes out through the same outbox as every
         // later reply, before the connection is stored.
-        let (mut out, mut flags, mut phase) = (None, flag::REG_READABLE, Phase::Open);
+        let (mut out, mut state) = (None, State::Open);
         let session = self.protocol.open(&mut ConnOutbox {
             token,
             stream: &stream,
             out: &mut out,
-            flags: &mut flags,
-            phase: &mut phase,
+            state: &mut state,
             limit: self.config.max_buffer,
             broadcasts: &mut self.broadcasts,
             stats: &mut self.stats,
@@ -148,32 +171,28 @@ impl<P: Protocol> EventLoop<P> {
         entry.insert(Connection {
             stream,
             out,
-            stamp: self.now,
+            since: self.now,
             generation,
-            phase,
-            flags,
+            state,
+            registered: Interest::READABLE,
+            on_ready_list: false,
             session,
         });
         self.stats.active += 1;
         log::debug!("[{}] open ({} held)", TokenName(token), self.conns.len());
-        if let Some(idle) = self.config.idle_timeout {
-            self.timers.push(self.now + idle.as_millis() as u64, token);
-        }
-        self.settle(key);
+        self.arm_deadline(key);
+        self.advance(key);
         self.deliver();
-        Ok(())
     }
 }
 
-fn set_nodelay(s: &TcpStream) {
-    // Echo and chat answer at once; Nagle would hold small replies back
-    // waiting for an ACK the client delays.
-    if let Err(e) = s.set_nodelay(true) {
-        log::debug!("TCP_NODELAY: {e}");
-    }
-}
-
-fn is_out_of_fds(e: &io::Error) -> bool {
-    // EMFILE (24): this process's limit; ENFILE (23): the system's.
-    matches!(e.raw_os_error(), Some(23 | 24))
+/// A shortage that concerns the whole process, not one connection:
+/// `EMFILE` (this process's descriptor limit), `ENFILE` (the system's),
+/// `ENOBUFS`/`ENOMEM` (no memory for a socket). Accepting again at once
+/// would fail again at once.
+fn is_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

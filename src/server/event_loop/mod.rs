@@ -1,62 +1,66 @@
 //! The reactor: one thread, one `mio::Poll`, every socket.
 //!
 //! ```text
-//!            ┌──────────────── EventLoop::run ────────────────┐
-//!            │ poll.poll(events, timeout)   (epoll_wait)      │
-//!            │   for each event: dispatch(token)              │
-//!            │      LISTENER_TCP/UNIX → accept until WouldBlock│
-//!            │      UDP               → recv/send datagrams   │
-//!            │      SIGNALS           → begin shutdown        │
-//!            │      connection token  → on_writable/on_readable│
-//!            │   serve the ready list (budgets left over)     │
-//!            │   expire timers (idle, linger, stats)          │
-//!            └────────────────────────────────────────────────┘
+//!            ┌──────────────── EventLoop::run ─────────────────┐
+//!            │ poll.poll(events, timeout)   (epoll_wait)       │
+//!            │   for each event: dispatch(token)               │
+//!            │      LISTENER_TCP/UNIX → accept (accept.rs)     │
+//!            │      UDP               → datagrams (udp.rs)     │
+//!            │      SIGNALS, STOP     → shutdown (shutdown.rs) │
+//!            │      connection token  → connections.rs         │
+//!            │   serve the ready list (budgets left over)      │
+//!            │   expire deadlines (timers.rs)                  │
+//!            └─────────────────────────────────────────────────┘
 //! ```
 //!
-//! The loop only dispatches; this file holds the loop, the token layout
-//! and the ready list. The handlers it dispatches to are in `accept.rs`
-//! (listeners), `handlers.rs` (one connection's readiness, and broadcast
-//! delivery) and `lifecycle.rs` (UDP, signals, shutdown, timers). What a
-//! connection holds lives in [`super::connection`]; what it says lives in
-//! [`crate::protocol`].
+//! This file holds the loop and its dispatch, and nothing else. What a
+//! connection holds and how its state moves is [`super::connection`]'s
+//! business; what the server says is [`crate::protocol`]'s. Which token is
+//! which socket, and why a connection's token carries a generation, is
+//! [`super::token`]'s subject; [`EventLoop::key_of`] applies that check.
 //!
-//! # Tokens
-//! Which token is which socket, and why a connection's token carries a
-//! generation, is [`super::token`]'s subject; [`EventLoop::live`] applies
-//! the stale-event check.
-//!
-//! # Fairness
-//! mio's readiness is edge-triggered: an event means "something changed",
-//! and no new event comes until we have drained the socket to
-//! `WouldBlock`. Draining one very busy client to the end could starve all
-//! the others, so each handler has a budget (bytes per event, accepts per
-//! wake-up). A socket whose budget runs out is still ready, and no event
-//! will say so again, so it goes on the ready list and is served again on
-//! the next turn, after the others had theirs (redis does the same with
-//! `NET_MAX_WRITES_PER_EVENT`).
+//! # Reading: how far, and why
+//! mio's readiness is edge-triggered (`EPOLLET`): an event reports a
+//! change, and no new event comes until the socket has been read to
+//! `WouldBlock`. Every read loop here goes that far, with two exceptions
+//! that the code states where they apply:
+//! - a budget ([`READ_BUDGET`], [`ACCEPT_BUDGET`]): a socket that still
+//!   has bytes when its budget is spent goes on the ready list
+//!   ([`crate::net::ready`]) and is read again next turn, so one fast
+//!   client cannot starve the others;
+//! - a short read ([`ReadUntil::ShortRead`]): on Linux, a stream socket
+//!   that returns fewer bytes than asked for is empty *now*, and the next
+//!   arrival raises a new edge, so the read that would only say
+//!   `WouldBlock` is skipped. Only when the event was a fresh edge without
+//!   a hang-up; see [`ReadUntil`].
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::event::Event;
+use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use super::connection::{flag, Broadcast, Connection};
+use super::connection::{Broadcast, Connection};
 use super::listen::{Listeners, SocketFile};
 use super::stats::Stats;
 use super::timer::Timers;
 use super::token::{
-    connection_key, FixedTokens, TokenName, LISTENER_TCP, LISTENER_UNIX, SIGNALS, UDP,
+    connection_key, FixedTokens, TokenName, LISTENER_TCP, LISTENER_UNIX, SIGNALS, STOP, UDP,
 };
-use super::udp::UdpEcho;
-use super::Config;
+use super::udp::{Next, UdpEcho};
+use super::{Config, ServeError};
+use crate::net::ready::ReadyList;
 use crate::protocol::Protocol;
 
 mod accept;
-mod handlers;
-mod lifecycle;
+mod broadcast;
+mod connections;
+mod shutdown;
+mod timers;
 
 /// Size of the one read buffer all connections share. An idle connection
 /// owns no read buffer at all: it reads here, and the bytes are handed on
@@ -70,10 +74,9 @@ const WRITE_BUDGET: usize = 4 * SCRATCH;
 const ACCEPT_BUDGET: usize = 256;
 /// Events fetched per `poll` call.
 const EVENTS: usize = 1024;
-/// After `EMFILE`, try accepting again at the latest this much later.
+/// After `EMFILE` (or another shortage), try accepting again at the
+/// latest this much later.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
-/// How long a rejected chat client's input is discarded before the close.
-const LINGER: Duration = Duration::from_secs(1);
 /// How long shutdown waits for queued output to drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -89,41 +92,92 @@ enum Accepting {
     Off,
 }
 
-/// How far a readable connection is read.
+/// How far a readable connection is read this time.
 ///
 /// Edge-triggered readiness reports each *arrival* once. When the event
 /// carried no hang-up, a read that returns less than asked for means the
 /// socket is empty for now, and anything arriving later (data or FIN)
-/// raises a new edge. When the event already says the peer closed
-/// (`EPOLLRDHUP`), or when the read is a ready-list retry with no fresh
-/// edge behind it, only reading until `WouldBlock` or EOF is safe.
+/// raises a new edge: [`ReadUntil::ShortRead`] may stop there. When the
+/// event already says the peer closed (`EPOLLRDHUP`), the FIN is queued
+/// behind the data and its edge was this very event; and a ready-list
+/// retry has no fresh edge behind it at all. Both read on to
+/// `WouldBlock` or EOF: [`ReadUntil::WouldBlock`].
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Drain {
-    UntilShortRead,
-    ToEnd,
+enum ReadUntil {
+    ShortRead,
+    WouldBlock,
+}
+
+/// What one event (or ready-list entry) asks of a socket.
+#[derive(Debug, Clone, Copy)]
+struct Readiness {
+    readable: bool,
+    writable: bool,
+    read_until: ReadUntil,
+}
+
+impl Readiness {
+    fn of(event: &Event) -> Readiness {
+        // An error or hang-up is reported to both sides: the read or write
+        // that follows finds out what it was.
+        let hung_up = event.is_read_closed() || event.is_error();
+        Readiness {
+            readable: event.is_readable() || hung_up,
+            writable: event.is_writable() || event.is_write_closed() || event.is_error(),
+            read_until: if hung_up {
+                ReadUntil::WouldBlock
+            } else {
+                ReadUntil::ShortRead
+            },
+        }
+    }
+
+    /// A ready-list retry: no fresh edge stands behind it, so a short read
+    /// proves nothing; read to the end.
+    const RETRY: Readiness = Readiness {
+        readable: true,
+        writable: true,
+        read_until: ReadUntil::WouldBlock,
+    };
+}
+
+/// Asks a running server, from another thread, to shut down gracefully
+/// (as SIGTERM does). Cloned freely; dropping it does nothing.
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<Waker>);
+
+impl StopHandle {
+    /// Begins the graceful shutdown: listeners close at once, queued output
+    /// is flushed for up to 5 s, then `run` returns.
+    pub fn stop(&self) {
+        if let Err(e) = self.0.wake() {
+            log::warn!("cannot wake the event loop to stop it: {e}");
+        }
+    }
 }
 
 /// The event loop, generic over the protocol it serves.
-pub struct EventLoop<P: Protocol> {
+pub(crate) struct EventLoop<P: Protocol> {
     poll: Poll,
     tcp: Option<mio::net::TcpListener>,
     unix: Option<(mio::net::UnixListener, SocketFile)>,
     udp: Option<UdpEcho>,
     signals: Signals,
+    stop: StopHandle,
     conns: Slab<Connection<P::Session>>,
     protocol: P,
     /// The shared read buffer.
     scratch: Box<[u8]>,
     /// Sockets with readiness left over after their budget ran out.
-    ready: Vec<Token>,
-    /// Swapped with `ready` each turn, so neither is reallocated.
-    ready_spare: Vec<Token>,
+    ready: ReadyList<Token>,
+    /// The server's own sockets already on the ready list (connections
+    /// keep that bit themselves).
+    fixed_ready: FixedTokens,
     /// Broadcasts waiting for the current handler to finish.
     broadcasts: Vec<Broadcast>,
-    /// Connections to close after a broadcast (slow consumers, failures).
-    doomed: Vec<Token>,
-    /// Connections whose interest may have changed during a broadcast.
-    touched: Vec<Token>,
+    /// Connections whose state or interest may have changed while a
+    /// broadcast was delivered; advanced once it is done.
+    to_advance: Vec<Token>,
     timers: Timers,
     stats: Stats,
     config: Config,
@@ -132,8 +186,6 @@ pub struct EventLoop<P: Protocol> {
     /// The current episode of descriptor exhaustion was logged; it ends
     /// when an accept finds the backlog empty.
     emfile_logged: bool,
-    /// The server's own sockets already on the ready list.
-    fixed_ready: FixedTokens,
     started: Instant,
     /// Milliseconds since `started`, read once per wake-up.
     now: u64,
@@ -144,14 +196,15 @@ pub struct EventLoop<P: Protocol> {
 }
 
 impl<P: Protocol> EventLoop<P> {
-    /// Registers every listener and the signal pipe with a new `Poll`.
+    /// Registers every listener, the signal pipe and the stop handle with
+    /// a new `Poll`.
     pub fn new(
         config: Config,
         max_connections: usize,
         listeners: Listeners,
         protocol: P,
-    ) -> Result<Self, super::ServeError> {
-        let io = super::ServeError::Io;
+    ) -> Result<Self, ServeError> {
+        let io = ServeError::Io;
         let poll = Poll::new().map_err(io)?;
         let registry = poll.registry();
         let Listeners { tcp, unix, udp } = listeners;
@@ -186,6 +239,7 @@ impl<P: Protocol> EventLoop<P> {
         registry
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(io)?;
+        let stop = StopHandle(Arc::new(Waker::new(registry, STOP).map_err(io)?));
         let next_stats = config.stats_interval.map(|d| d.as_millis() as u64);
         Ok(EventLoop {
             poll,
@@ -193,21 +247,20 @@ impl<P: Protocol> EventLoop<P> {
             unix,
             udp,
             signals,
+            stop,
             conns: Slab::new(),
             protocol,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
-            ready: Vec::new(),
-            ready_spare: Vec::new(),
+            ready: ReadyList::default(),
+            fixed_ready: FixedTokens::default(),
             broadcasts: Vec::new(),
-            doomed: Vec::new(),
-            touched: Vec::new(),
+            to_advance: Vec::new(),
             timers: Timers::default(),
             stats: Stats::default(),
             config,
             max_connections,
             accepting: Accepting::On,
             emfile_logged: false,
-            fixed_ready: FixedTokens::default(),
             started: Instant::now(),
             now: 0,
             next_generation: 1,
@@ -216,37 +269,38 @@ impl<P: Protocol> EventLoop<P> {
         })
     }
 
-    /// Runs until a signal's graceful shutdown completes.
-    pub fn run(mut self) -> io::Result<()> {
+    /// A handle that stops this loop from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Runs until a graceful shutdown completes. Only `poll` itself failing
+    /// ends it early: every other failure concerns one socket, which is
+    /// closed or retried while the rest are served.
+    pub fn run(mut self) -> io::Result<Stats> {
         let mut events = Events::with_capacity(EVENTS);
         loop {
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
                 // A signal arriving during epoll_wait interrupts it; that
                 // is not a failure, the signal's own event follows.
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
             self.now = self.started.elapsed().as_millis() as u64;
-            // Entries pushed while handling this batch wait for the next
-            // turn, so everything else runs before a socket gets more.
-            let mut pending = std::mem::take(&mut self.ready_spare);
-            std::mem::swap(&mut pending, &mut self.ready);
+            let turn = self.ready.begin_turn();
             log::trace!(
                 "poll: {} event(s), {} on the ready list",
                 events.iter().count(),
-                pending.len()
+                turn.len()
             );
             for event in events.iter() {
-                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
                 log::trace!(
                     "[{}] event:{}{}{}{}",
                     TokenName(event.token()),
-                    if readable { " readable" } else { "" },
-                    if writable { " writable" } else { "" },
+                    if event.is_readable() { " readable" } else { "" },
+                    if event.is_writable() { " writable" } else { "" },
                     if event.is_read_closed() {
                         " read-closed"
                     } else {
@@ -254,113 +308,85 @@ impl<P: Protocol> EventLoop<P> {
                     },
                     if event.is_error() { " error" } else { "" },
                 );
-                // If the peer's FIN is already queued behind the data, a
-                // short read would hide it: its edge was this very event.
-                let drain = if event.is_read_closed() || event.is_error() {
-                    Drain::ToEnd
-                } else {
-                    Drain::UntilShortRead
-                };
-                self.dispatch(event.token(), readable, writable, drain)?;
+                self.dispatch(event.token(), Readiness::of(event));
             }
-            for &token in &pending {
-                self.serve_again(token)?;
+            for &token in &turn {
+                self.serve_again(token);
             }
-            pending.clear();
-            self.ready_spare = pending;
-            self.expire()?;
+            self.ready.end_turn(turn);
+            self.expire();
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now >= deadline {
-                    return self.finish();
+                    return Ok(self.finish());
                 }
             }
         }
     }
 
-    /// How long `poll` may sleep: not at all while the ready list has
-    /// work, else until the nearest deadline.
-    fn poll_timeout(&self) -> Option<Duration> {
-        if !self.ready.is_empty() {
-            return Some(Duration::ZERO);
-        }
-        let accept_retry = match self.accepting {
-            Accepting::PausedUntil(t) => Some(t),
-            _ => None,
-        };
-        [
-            self.timers.next(),
-            self.next_stats,
-            accept_retry,
-            self.shutdown_deadline,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|at| {
-            let now = self.started.elapsed().as_millis() as u64;
-            // Round up, so we do not wake a millisecond early and spin.
-            Duration::from_millis(at.saturating_sub(now) + 1)
-        })
-    }
-
-    fn dispatch(
-        &mut self,
-        token: Token,
-        readable: bool,
-        writable: bool,
-        drain: Drain,
-    ) -> io::Result<()> {
+    fn dispatch(&mut self, token: Token, readiness: Readiness) {
         match token {
             LISTENER_TCP | LISTENER_UNIX => self.accept(token),
-            UDP => self.on_udp(readable, writable),
+            UDP => self.on_udp(readiness),
             SIGNALS => self.on_signal(),
-            _ => {
-                self.on_connection(token, readable, writable, drain);
-                Ok(())
-            }
+            STOP => self.on_stop(),
+            _ => self.on_connection(token, readiness),
         }
     }
 
     /// A ready-list entry: the socket had more to do when its budget ran out.
-    fn serve_again(&mut self, token: Token) -> io::Result<()> {
-        match token {
-            LISTENER_TCP | LISTENER_UNIX | UDP => {
-                self.fixed_ready.remove(token);
-                self.dispatch(token, true, false, Drain::ToEnd)
-            }
-            _ => {
-                if let Some(key) = self.live(token) {
-                    self.conns[key].flags &= !flag::ON_READY_LIST;
-                    // No fresh edge stands behind a ready-list entry, so
-                    // a short read proves nothing here: read to the end.
-                    self.on_connection(token, true, true, Drain::ToEnd);
-                }
-                Ok(())
-            }
+    fn serve_again(&mut self, token: Token) {
+        if connection_key(token).is_none() {
+            self.fixed_ready.remove(token);
+        } else if let Some(key) = self.key_of(token) {
+            self.conns[key].on_ready_list = false;
+        } else {
+            return; // closed since it was listed
         }
+        self.dispatch(token, Readiness::RETRY);
     }
 
+    /// Serve `token` again next turn (once, however often it is asked).
     fn push_ready(&mut self, token: Token) {
         if connection_key(token).is_none() {
             if self.fixed_ready.insert(token) {
                 self.ready.push(token);
             }
-        } else if let Some(key) = self.live(token) {
+        } else if let Some(key) = self.key_of(token) {
             let conn = &mut self.conns[key];
-            if !conn.has(flag::ON_READY_LIST) {
-                conn.flags |= flag::ON_READY_LIST;
+            if !std::mem::replace(&mut conn.on_ready_list, true) {
                 self.ready.push(token);
             }
         }
     }
 
     /// The slab key of `token` if that connection is still the one the
-    /// token was made for; `None` for a stale token (see the module docs).
-    fn live(&self, token: Token) -> Option<usize> {
+    /// token was made for; `None` for a stale token (see [`super::token`]).
+    fn key_of(&self, token: Token) -> Option<usize> {
         let (key, generation) = connection_key(token)?;
         match self.conns.get(key) {
             Some(c) if c.generation == generation => Some(key),
             _ => None,
+        }
+    }
+
+    /// UDP echo: datagrams in, the same datagrams out (see `udp.rs`). A
+    /// failure is that socket's alone and is logged; TCP clients go on.
+    fn on_udp(&mut self, readiness: Readiness) {
+        let Some(udp) = self.udp.as_mut() else {
+            return;
+        };
+        if readiness.writable {
+            udp.on_writable(&mut self.stats);
+        }
+        if readiness.readable
+            && udp.on_readable(&mut self.scratch, &mut self.stats) == Next::MoreReady
+        {
+            self.push_ready(UDP);
+        }
+        if let Some(udp) = self.udp.as_mut() {
+            if let Err(e) = udp.update_interest(self.poll.registry(), UDP) {
+                log::warn!("udp: cannot update interest: {e}");
+            }
         }
     }
 }
