@@ -25,6 +25,8 @@ pub struct Stats {
     pub accept_paused: u64,
     /// Bytes read from clients.
     pub bytes_in: u64,
+    /// Of those, bytes read while lingering and thrown away unheard.
+    pub bytes_discarded: u64,
     /// Bytes written to clients.
     pub bytes_out: u64,
     /// UDP datagrams received.

@@ -7,6 +7,7 @@
 //!    ▼                                        ▼
 //!   Flushing(Close) ── queue empty ─▶ closed ("done")
 //!   Flushing(Linger) ─ queue empty ─▶ Lingering ─ EOF or deadline ─▶ closed
+//!   (shutdown: Open, Paused, Flushing ─▶ Flushing(Linger))
 //!   any state ── I/O error, slow consumer ─▶ Closing(reason) ─▶ closed
 //! ```
 //!
@@ -163,15 +164,17 @@ impl State {
         }
     }
 
-    /// The server is shutting down: no more reading, flush and close. A
-    /// lingering connection has said its last words already.
+    /// The server is shutting down: no more reading; flush, then linger.
+    /// Lingering, not closing: a client may still be sending, and closing a
+    /// socket with unread input sends a reset that destroys whatever of
+    /// our output it has not read yet, the very bytes the shutdown is
+    /// meant to deliver. A lingering connection stays as it is.
     pub(crate) fn shutdown(&mut self) {
         match self {
             State::Open | State::Paused | State::Flushing(_) => {
-                *self = State::Flushing(Then::Close)
+                *self = State::Flushing(Then::Linger)
             }
-            State::Lingering => *self = State::Closing(CloseReason::Done),
-            State::Closing(_) => {}
+            State::Lingering | State::Closing(_) => {}
         }
     }
 
@@ -319,6 +322,19 @@ mod tests {
         }
 
         #[test]
+        fn shutdown_stops_reading_and_lingers_once_flushed() {
+            let mut s = State::Paused;
+            s.shutdown();
+            assert!(!s.reads());
+            assert_eq!(
+                s.advance(10, 50),
+                Action::Stay,
+                "not while output is queued"
+            );
+            assert_eq!(s.advance(0, 50), Action::Linger);
+        }
+
+        #[test]
         fn the_protocol_may_still_close_it() {
             let mut s = State::Paused;
             s.protocol_close(Then::Linger);
@@ -352,10 +368,10 @@ mod tests {
         }
 
         #[test]
-        fn shutdown_drops_the_linger() {
-            let mut s = State::Flushing(Then::Linger);
+        fn shutdown_lingers_after_the_flush_even_when_the_protocol_would_close() {
+            let mut s = State::Flushing(Then::Close);
             s.shutdown();
-            assert_eq!(s.advance(0, 0), Action::Close(CloseReason::Done));
+            assert_eq!(s.advance(0, 0), Action::Linger);
         }
     }
 
@@ -385,10 +401,11 @@ mod tests {
         }
 
         #[test]
-        fn shutdown_closes_it() {
+        fn shutdown_leaves_it_lingering() {
             let mut s = State::Lingering;
             s.shutdown();
-            assert_eq!(s.advance(0, 0), Action::Close(CloseReason::Done));
+            assert_eq!(s, State::Lingering);
+            assert_eq!(s.advance(0, 0), Action::Stay);
         }
     }
 

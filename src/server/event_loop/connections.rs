@@ -108,7 +108,9 @@ impl<P: Protocol> EventLoop<P> {
                 }
             };
             // A lingering connection's input is read and dropped.
-            if conn.state.talks() {
+            if !conn.state.talks() {
+                self.stats.bytes_discarded += n as u64;
+            } else {
                 let (mut outbox, session) = conn.outbox_and_session(
                     token,
                     self.config.max_buffer,
