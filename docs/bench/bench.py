@@ -43,6 +43,10 @@ def server_cmd(kind, port, extra=()):
     addr = ["--addr", f"127.0.0.1:{port}"]
     if kind == "reactor":
         return [REACTOR, "serve", "--log-level", "warn", *addr, *extra]
+    if kind.startswith("reactor@"):
+        # Another build of reactor (say, an older commit) for before/after
+        # pairs: `--servers reactor,reactor@/tmp/old/target/release/reactor`.
+        return [kind.split("@", 1)[1], "serve", "--log-level", "warn", *addr, *extra]
     if kind == "threads":
         return [REACTOR, "serve", "--engine", "threads", "--log-level", "warn", *addr, *extra]
     if kind == "c-ref":

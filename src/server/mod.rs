@@ -23,7 +23,7 @@ pub(crate) mod listen;
 pub mod stats;
 pub(crate) mod threads;
 pub(crate) mod timer;
-pub mod token;
+pub(crate) mod token;
 pub(crate) mod udp;
 
 pub use connection::CloseReason;
