@@ -48,18 +48,22 @@ impl<P: Protocol> EventLoop<P> {
                     self.emfile_logged = false;
                     return;
                 }
-                Err(e) if is_shortage(&e) => return self.pause_accepting(e),
                 // ECONNABORTED and friends concern that one connection,
                 // which the client gave up on before we took it; it has
                 // left the backlog, so going on cannot spin.
-                Err(e) => log::debug!("accept failed: {e}"),
+                Err(e) if concerns_one_connection(&e) => log::debug!("accept failed: {e}"),
+                // Anything else (out of descriptors, out of memory, or an
+                // error we do not expect) would fail again at once: stop
+                // watching the listener for a while rather than spin.
+                Err(e) => return self.pause_accepting(e),
             }
         }
         // Budget spent, maybe with more connections waiting in the backlog.
         self.push_ready(token);
     }
 
-    /// Out of descriptors or socket memory: stop watching the listeners
+    /// Out of descriptors or socket memory (or an error that would repeat
+    /// at once): stop watching the listeners
     /// (an edge-triggered listener would wake us for every new SYN and
     /// fail again: a busy loop) and look again when a connection closes or
     /// after [`ACCEPT_RETRY`]. Pending connects wait in the backlog.
@@ -67,7 +71,8 @@ impl<P: Protocol> EventLoop<P> {
         if !self.emfile_logged {
             let what = match e.raw_os_error() {
                 Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",
-                _ => "out of memory for sockets",
+                Some(libc::ENOBUFS | libc::ENOMEM) => "out of memory for sockets",
+                _ => "unexpected error",
             };
             log::warn!(
                 "accept: {e} ({what} with {} clients); serving them and accepting \
@@ -186,13 +191,29 @@ impl<P: Protocol> EventLoop<P> {
     }
 }
 
-/// A shortage that concerns the whole process, not one connection:
-/// `EMFILE` (this process's descriptor limit), `ENFILE` (the system's),
-/// `ENOBUFS`/`ENOMEM` (no memory for a socket). Accepting again at once
-/// would fail again at once.
-fn is_shortage(e: &io::Error) -> bool {
+/// An accept error that is about the connection being taken, not about
+/// the listener or the process: the client reset or gave up before we took
+/// it, or (Linux passes these on from the new socket, see accept(2)) a
+/// network error already pending on it. That connection has left the
+/// backlog, so accepting on cannot fail the same way for ever. Every other
+/// error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, or something we do not
+/// expect) pauses accepting instead.
+fn concerns_one_connection(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ETIMEDOUT
+        )
     )
 }
