@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
-use super::message::{self, HEADER};
+use super::message::{Template, HEADER};
 use super::report::{record, Failure, Tally};
 use super::{Plan, Progress};
+use crate::net::io::attempt;
+use crate::net::ready::ReadyList;
 
 /// The largest UDP payload over IPv4: 65,535 − 8 (UDP) − 20 (IP).
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -51,9 +53,10 @@ pub struct UdpWorker {
     tally: Tally,
     buf: Vec<u8>,
     out: Vec<u8>,
+    template: Template,
     completions: u64,
     /// Sockets whose budget ran out while still readable.
-    again: Vec<usize>,
+    ready: ReadyList<usize>,
     /// Intact replies, warm-up included.
     replies: u64,
 }
@@ -100,6 +103,7 @@ impl UdpWorker {
             }
         }
         progress.opened.fetch_add(tally.opened, Ordering::Relaxed);
+        let template = Template::new(plan.size);
         Ok(UdpWorker {
             plan,
             progress,
@@ -108,8 +112,9 @@ impl UdpWorker {
             tally,
             buf: vec![0; MAX_DATAGRAM + 1],
             out: Vec::with_capacity(MAX_DATAGRAM),
+            template,
             completions: 0,
-            again: Vec::new(),
+            ready: ReadyList::default(),
             replies: 0,
         })
     }
@@ -147,17 +152,11 @@ impl UdpWorker {
                 });
                 break;
             }
-            let wait = if self.again.is_empty() {
-                TICK
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.tally
-                        .fail(Failure::Closed, || format!("poll failed: {e}"));
-                    break;
-                }
+            let wait = self.ready.poll_timeout(TICK);
+            if let Err(e) = attempt(|| self.poll.poll(&mut events, Some(wait))) {
+                self.tally
+                    .fail(Failure::Closed, || format!("poll failed: {e}"));
+                break;
             }
             let now = Instant::now();
             for event in events.iter() {
@@ -176,11 +175,15 @@ impl UdpWorker {
             }
             // No edge will come for what a socket still holds past its
             // budget: serve those after the events.
-            for i in std::mem::take(&mut self.again) {
+            // (A socket is pushed at most once per turn: only `receive`
+            // pushes, once, when its budget runs out.)
+            let batch = self.ready.begin_turn();
+            for &i in &batch {
                 if self.receive(i, Instant::now(), measuring, sending) {
                     last_reply = now;
                 }
             }
+            self.ready.end_turn(batch);
             // Whatever waited too long is lost; send another in its place.
             // Losses are counted after a second, so looking every tick
             // (not every turn of the loop) is plenty.
@@ -227,10 +230,9 @@ impl UdpWorker {
         let mut any = false;
         for _ in 0..RECV_BUDGET {
             let s = &mut self.socks[i];
-            let n = match s.socket.recv(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            let n = match attempt(|| s.socket.recv(&mut self.buf)) {
+                Ok(Some(n)) => n,
+                Ok(None) => return any,
                 // ECONNREFUSED: an ICMP port-unreachable came back for an
                 // earlier datagram; the server is not there.
                 Err(e) => {
@@ -248,10 +250,7 @@ impl UdpWorker {
             } else {
                 0
             };
-            let intact = n == size
-                && d.iter()
-                    .enumerate()
-                    .all(|(j, &b)| b == message::byte(s.id, seq, size, j));
+            let intact = n == size && self.template.matches(s.id, seq, 0, d);
             let slot = s.inflight.iter().position(|&(q, _)| q == seq);
             match (intact, slot) {
                 (true, Some(at)) => {
@@ -282,22 +281,21 @@ impl UdpWorker {
                 }
             }
         }
-        self.again.push(i);
+        self.ready.push(i);
         any
     }
 
     fn send(&mut self, i: usize, count: u32, now: Instant) {
-        let size = self.plan.size;
         let s = &mut self.socks[i];
         for k in 0..count {
             self.out.clear();
-            message::append(&mut self.out, s.id, s.next_seq, size);
-            match s.socket.send(&self.out) {
-                Ok(_) => {
+            self.template.append(&mut self.out, s.id, s.next_seq);
+            match attempt(|| s.socket.send(&self.out)) {
+                Ok(Some(_)) => {
                     s.inflight.push_back((s.next_seq, now));
                     s.next_seq = s.next_seq.wrapping_add(1);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(None) => {
                     s.owed += count - k;
                     if !s.writable {
                         s.writable = true;
