@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::client::connect;
-use crate::client::load::{self, message, udp, worker::Target, Options, Plan, Workload};
+use crate::client::load::{self, chat, message, udp, worker::Target, Options, Plan, Workload};
 use crate::server::{self, Config, Engine, Mode, ServeError};
 
 /// A single-threaded mio event-loop server (echo, chat), with an nc-like
@@ -72,6 +72,9 @@ pub enum WorkloadArg {
     Hold,
     /// Connect, one round trip, close; over and over.
     Churn,
+    /// Chat clients each sending --rate lines per second (default 1); every
+    /// line must reach every other client once, in order per sender.
+    Chat,
 }
 
 /// Log levels.
@@ -288,6 +291,15 @@ impl LoadArgs {
         if self.timeout <= 0.0 {
             return Err("--timeout must be more than 0".into());
         }
+        if self.workload == WorkloadArg::Chat && self.udp.is_some() {
+            return Err("--workload chat runs over streams only".into());
+        }
+        if self.workload == WorkloadArg::Chat && self.connections > chat::MAX_CLIENTS {
+            return Err(format!(
+                "--workload chat checks every line at every client; at most {} clients",
+                chat::MAX_CLIENTS
+            ));
+        }
         if self.find_max_rate.is_some()
             && (self.workload != WorkloadArg::Echo || self.udp.is_some())
         {
@@ -327,6 +339,7 @@ impl LoadArgs {
             WorkloadArg::Echo => Workload::Echo,
             WorkloadArg::Hold => Workload::Hold,
             WorkloadArg::Churn => Workload::Churn,
+            WorkloadArg::Chat => Workload::Chat,
         }
     }
 

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;
@@ -78,11 +78,62 @@ impl Interval {
     }
 }
 
+/// A loop's side of live progress: the interval being counted, and where
+/// finished ones go.
+pub struct Live {
+    to: ToCollector,
+    /// This loop's number, so the collector can tell loops apart.
+    loop_id: usize,
+    started: Instant,
+    every: Duration,
+    /// When the current interval ends.
+    pub next: Instant,
+    /// The interval being counted: the loop adds to it.
+    pub current: Interval,
+}
+
+impl Live {
+    /// Intervals of `every` from `started` on, sent to `to` as `loop_id`'s.
+    pub fn new(to: ToCollector, loop_id: usize, started: Instant, every: Duration) -> Live {
+        Live {
+            to,
+            loop_id,
+            started,
+            every,
+            next: started + every,
+            current: Interval::new(0),
+        }
+    }
+
+    /// Ends the current interval at `now` with `open` connections and
+    /// `errors` so far, sends it (`last`: the loop is done), and starts
+    /// the next one.
+    pub fn close(&mut self, now: Instant, open: u64, errors: u64, last: bool) {
+        let index = self.current.index;
+        let mut done = std::mem::replace(&mut self.current, Interval::new(index + 1));
+        done.end = now.saturating_duration_since(self.started);
+        done.open = open;
+        done.errors = errors;
+        // The collector may be gone if the main thread gave up; the
+        // loop's own result still counts.
+        let _ = self.to.send((self.loop_id, done, last));
+        // After a stall, skip the boundaries already passed rather than
+        // sending empty intervals in a burst.
+        while self.next <= now {
+            self.next += self.every;
+        }
+        let ended = (self.next - self.started).as_secs_f64() / self.every.as_secs_f64();
+        self.current.index = (ended.round() as u32).saturating_sub(1);
+    }
+}
+
 /// One row of `intervals` in the JSON report.
 #[derive(Debug, Clone)]
 pub struct Row {
     /// End of the interval, seconds from the start of the run.
     pub t: f64,
+    /// Messages completed in it.
+    pub messages: u64,
     /// Messages per second in it.
     pub msgs_per_sec: f64,
     /// Its latency percentiles (µs).
@@ -99,6 +150,7 @@ impl Row {
     pub fn json(&self) -> Value {
         json!({
             "t": (self.t * 1000.0).round() / 1000.0,
+            "messages": self.messages,
             "msgs_per_sec": self.msgs_per_sec.round(),
             "latency_us": self.latency_us,
             "connections_open": self.connections_open,
@@ -207,6 +259,7 @@ impl Collector {
         }
         self.rows.push(Row {
             t: iv.end.as_secs_f64(),
+            messages: iv.messages,
             msgs_per_sec: rate,
             latency_us: percentiles(&iv.latency),
             connections_open: iv.open,

@@ -53,7 +53,7 @@ pub fn run(args: Options, p99_ms: f64) -> ExitCode {
         // The steps are the progress lines here.
         plan.interval = std::time::Duration::ZERO;
         let tally = match run_loops(Arc::new(plan), args.threads, None, None) {
-            Ok((tally, _)) => tally,
+            Ok((tally, _, _)) => tally,
             Err(e) => {
                 eprintln!("reactor load: {e}");
                 return ExitCode::FAILURE;

@@ -7,6 +7,7 @@
 //! into HDR histograms; the loops' tallies are merged into one
 //! [`report::Report`], printed as a table or as JSON.
 
+pub mod chat;
 pub mod interval;
 mod max_rate;
 pub mod message;
@@ -36,6 +37,8 @@ pub enum Workload {
     Hold,
     /// Connect, one round trip, close; over and over.
     Churn,
+    /// Chat clients sending lines that every other client must receive.
+    Chat,
 }
 
 impl Workload {
@@ -45,6 +48,7 @@ impl Workload {
             Workload::Echo => "echo",
             Workload::Hold => "hold",
             Workload::Churn => "churn",
+            Workload::Chat => "chat",
         }
     }
 }
@@ -140,20 +144,31 @@ pub fn run(args: Options) -> ExitCode {
     }
     let connections = args.plan.connections;
     let workload = args.plan.workload;
-    let open_loop = args.plan.rate > 0.0;
+    let open_loop = args.plan.rate > 0.0 && workload == Workload::Echo;
     let outcome = run_loops(
         Arc::new(args.plan),
         args.threads,
         args.udp,
         args.hdr_log.as_deref(),
     );
-    let (tally, intervals) = match outcome {
+    let (tally, intervals, chat) = match outcome {
         Ok(done) => done,
         Err(e) => {
             eprintln!("reactor load: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let mut extra = serde_json::Map::new();
+    if let Some(c) = chat {
+        extra.insert("lines_sent".into(), c.lines_sent.into());
+        extra.insert("deliveries".into(), c.deliveries.into());
+        let per_sec = if tally.measured_secs > 0.0 {
+            tally.messages as f64 / tally.measured_secs
+        } else {
+            0.0
+        };
+        extra.insert("deliveries_per_sec".into(), per_sec.round().into());
+    }
     let report = Report {
         workload: workload.name(),
         settings: args.settings,
@@ -161,22 +176,39 @@ pub fn run(args: Options) -> ExitCode {
         udp: args.udp.is_some(),
         open_loop,
         intervals,
-        extra: serde_json::Map::new(),
+        extra,
         tally,
     };
     report.print(args.json)
 }
 
-/// Runs the loops once, with live progress, and returns what they counted
-/// (merged) and the interval rows.
+/// What [`run_loops`] returns: the loops' tallies merged, the interval
+/// rows, and for chat its own counts.
+pub type Outcome = (Tally, Vec<interval::Row>, Option<chat::ChatCounts>);
+
+/// Runs the loops once, with live progress, and returns what they counted.
 pub fn run_loops(
     plan: Arc<Plan>,
     threads: u32,
     udp: Option<SocketAddr>,
     hdr_log: Option<&Path>,
-) -> Result<(Tally, Vec<interval::Row>), String> {
+) -> Result<Outcome, String> {
     let connections = plan.connections;
     let progress = Arc::new(Progress::default());
+    if plan.workload == Workload::Chat {
+        // Chat checks every line against every client: one loop.
+        let (p, q) = (plan.clone(), progress.clone());
+        let (to_collector, intervals) = mpsc::channel();
+        let handle = thread::Builder::new()
+            .name("load-chat".into())
+            .spawn(move || -> std::io::Result<_> {
+                Ok(chat::ChatLoop::new(p, q, Some((to_collector, 0)))?.run())
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        let (rows, result) = watch(&plan, &progress, 1, hdr_log, intervals, vec![handle])?;
+        let (tally, counts) = result.into_iter().next().expect("one loop");
+        return Ok((tally, rows, Some(counts)));
+    }
     let threads = threads.min(connections);
     let (to_collector, intervals) = mpsc::channel();
     let mut handles = Vec::new();
@@ -200,6 +232,26 @@ pub fn run_loops(
         }
     }
     drop(to_collector);
+    // UDP loops report no intervals.
+    let loops = if udp.is_some() { 0 } else { threads as usize };
+    let (rows, tallies) = watch(&plan, &progress, loops, hdr_log, intervals, handles)?;
+    let mut tally = Tally::default();
+    for t in tallies {
+        tally.merge(t);
+    }
+    Ok((tally, rows, None))
+}
+
+/// While the loops run: collects and prints their intervals, draws the
+/// bar; then joins them and returns the rows and each loop's result.
+fn watch<T>(
+    plan: &Plan,
+    progress: &Progress,
+    loops: usize,
+    hdr_log: Option<&Path>,
+    intervals: mpsc::Receiver<(usize, interval::Interval, bool)>,
+    handles: Vec<thread::JoinHandle<std::io::Result<T>>>,
+) -> Result<(Vec<interval::Row>, Vec<T>), String> {
     let hdr_log = match hdr_log {
         Some(path) => Some(
             interval::HdrLog::create(path, SystemTime::now())
@@ -216,14 +268,9 @@ pub fn run_loops(
         }
         None => Box::new(|line| eprintln!("{line}")),
     };
-    // UDP loops report no intervals.
-    let loops = if udp.is_some() || plan.interval.is_zero() {
-        0
-    } else {
-        threads as usize
-    };
-    let mut collector =
-        interval::Collector::new(plan.interval, loops, plan.rate > 0.0, hdr_log, print);
+    let loops = if plan.interval.is_zero() { 0 } else { loops };
+    let open_loop = plan.rate > 0.0 && plan.workload == Workload::Echo;
+    let mut collector = interval::Collector::new(plan.interval, loops, open_loop, hdr_log, print);
     let mut last = (Instant::now(), 0);
     while handles.iter().any(|h| !h.is_finished()) {
         match intervals.recv_timeout(Duration::from_millis(100)) {
@@ -233,7 +280,7 @@ pub fn run_loops(
             Err(mpsc::RecvTimeoutError::Disconnected) => thread::sleep(Duration::from_millis(50)),
         }
         if let Some(bar) = &bar {
-            update_bar(bar, &plan, &progress, &mut last);
+            update_bar(bar, plan, progress, &mut last);
         }
     }
     for (from, iv, done) in intervals.try_iter() {
@@ -243,15 +290,15 @@ pub fn run_loops(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let mut tally = Tally::default();
+    let mut results = Vec::new();
     for h in handles {
         match h.join() {
-            Ok(Ok(t)) => tally.merge(t),
+            Ok(Ok(t)) => results.push(t),
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("a load thread panicked".into()),
         }
     }
-    Ok((tally, rows))
+    Ok((rows, results))
 }
 
 /// On a terminal, a live line while the loops run, drawn on stderr so it

@@ -46,16 +46,19 @@ pub enum Failure {
     Closed,
     /// A connect or a reply took longer than `--timeout`.
     Timeout,
+    /// chat: a line never reached a client that should have had it.
+    Lost,
 }
 
 impl Failure {
-    const ALL: [Failure; 6] = [
+    const ALL: [Failure; 7] = [
         Failure::Connect,
         Failure::FdLimit,
         Failure::Ports,
         Failure::Mismatch,
         Failure::Closed,
         Failure::Timeout,
+        Failure::Lost,
     ];
 
     /// The key used in JSON and in the table.
@@ -67,6 +70,7 @@ impl Failure {
             Failure::Mismatch => "mismatch",
             Failure::Closed => "closed",
             Failure::Timeout => "timeout",
+            Failure::Lost => "lost",
         }
     }
 }
@@ -90,7 +94,7 @@ pub struct Tally {
     /// Time from `connect` to established (ns).
     pub connect_latency: Histogram<u64>,
     /// Failure counts, one per [`Failure`] kind, in declaration order.
-    pub errors: [u64; 6],
+    pub errors: [u64; 7],
     /// A few failures, described.
     pub examples: Vec<String>,
     /// Length of the measured window, seconds.
@@ -115,7 +119,7 @@ impl Default for Tally {
             latency: histogram(),
             latency_uncorrected: histogram(),
             connect_latency: histogram(),
-            errors: [0; 6],
+            errors: [0; 7],
             examples: Vec::new(),
             measured_secs: 0.0,
             open_secs: 0.0,
@@ -259,6 +263,7 @@ impl Report {
             )),
             "echo" if t.messages == 0 => p.push("no message completed".into()),
             "churn" if t.cycles == 0 => p.push("no connection cycle completed".into()),
+            "chat" if t.messages == 0 => p.push("no line delivered".into()),
             _ => {}
         }
         p
@@ -353,6 +358,15 @@ impl Report {
                 "messages      {} round trips (one before the hold, one after)",
                 t.messages
             );
+        } else if self.workload == "chat" {
+            let _ = writeln!(
+                s,
+                "deliveries    {} in {:.2} s ({:.0} lines/s delivered; {} lines sent in all)",
+                t.messages,
+                t.measured_secs,
+                self.per_sec(t.messages),
+                self.extra.get("lines_sent").cloned().unwrap_or(Value::Null)
+            );
         } else {
             let _ = writeln!(
                 s,
@@ -376,7 +390,12 @@ impl Report {
         } else {
             None
         };
-        for (name, h) in [("latency µs", &t.latency)]
+        let latency = if self.workload == "chat" {
+            "delivery µs"
+        } else {
+            "latency µs"
+        };
+        for (name, h) in [(latency, &t.latency)]
             .into_iter()
             .chain(uncorrected)
             .chain([("connect µs", &t.connect_latency)])
@@ -460,16 +479,21 @@ fn describe(settings: &Value) -> String {
         _ => get("addr").as_str().unwrap_or("?").to_string(),
     };
     let workload = get("workload").as_str().unwrap_or("?").to_string();
+    let shape = if workload == "chat" {
+        let rate = get("rate").as_f64().filter(|&r| r > 0.0).unwrap_or(1.0);
+        format!("{rate} lines/s per client")
+    } else {
+        format!("pipeline {}", get("pipeline"))
+    };
     let time = if workload == "hold" {
         format!("held {} s", get("duration"))
     } else {
         format!("{} s (+{} s warm-up)", get("duration"), get("warmup"))
     };
     format!(
-        "{workload} against {target}, {} connections, {} B messages, pipeline {}, {time}, {} thread(s)",
+        "{workload} against {target}, {} connections, {} B messages, {shape}, {time}, {} thread(s)",
         get("connections"),
         get("size"),
-        get("pipeline"),
         get("threads"),
     )
 }

@@ -42,6 +42,8 @@ impl Worker {
                         next_seq: 0,
                         check: Checker::default(),
                         inflight: VecDeque::new(),
+                        in_flight: 0,
+                        behind: VecDeque::new(),
                         writable: true,
                         on_ready_list: false,
                     };

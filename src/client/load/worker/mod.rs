@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::interval::{Interval, ToCollector};
+use super::interval::{Live, ToCollector};
 use super::message::{Checker, Template};
 use super::report::{record, record_n, Failure, Tally};
 use super::{Plan, Progress, Workload};
@@ -92,22 +92,16 @@ struct Conn {
     check: Checker,
     /// Messages in flight, oldest first, in the batches they were sent in.
     inflight: VecDeque<Batch>,
+    /// How many messages `inflight` holds.
+    in_flight: u32,
+    /// Open loop: due times of messages that could not go out yet because
+    /// `--pipeline` messages were already in flight. They go as replies
+    /// free the window, late, and their latency counts from the due time.
+    behind: VecDeque<Instant>,
     /// `WRITABLE` is in the registered interest.
     writable: bool,
     /// On the ready list already (its read budget ran out).
     on_ready_list: bool,
-}
-
-/// Live progress (`--interval`): the interval being counted, and where
-/// finished ones go.
-struct Live {
-    to: ToCollector,
-    /// This loop's number, so the collector can tell loops apart.
-    loop_id: usize,
-    every: Duration,
-    /// When the current interval ends.
-    next: Instant,
-    current: Interval,
 }
 
 /// One loop's share of the work.
@@ -171,13 +165,7 @@ impl Worker {
         let now = Instant::now();
         let live = live
             .filter(|_| !plan.interval.is_zero())
-            .map(|(to, loop_id)| Live {
-                to,
-                loop_id,
-                every: plan.interval,
-                next: progress.started + plan.interval,
-                current: Interval::new(0),
-            });
+            .map(|(to, loop_id)| Live::new(to, loop_id, progress.started, plan.interval));
         let connect_gap = if plan.connect_rate > 0.0 {
             Duration::from_secs_f64(1.0 / (plan.connect_rate * share))
         } else {
@@ -328,29 +316,12 @@ impl Worker {
         self.reported_opened = self.tally.opened;
     }
 
-    /// Sends the interval that ends now (`last`: the loop is done) and
-    /// starts the next one.
+    /// Sends the interval that ends now (`last`: the loop is done).
     fn close_interval(&mut self, now: Instant, last: bool) {
         let open = (self.conns.len() - self.connecting) as u64;
         let errors = self.tally.total_errors();
-        let started = self.progress.started;
-        let Some(live) = &mut self.live else {
-            return;
-        };
-        let index = live.current.index;
-        let mut done = std::mem::replace(&mut live.current, Interval::new(index + 1));
-        done.end = now.saturating_duration_since(started);
-        done.open = open;
-        done.errors = errors;
-        // The collector may be gone if the main thread gave up; the
-        // loop's own result still counts.
-        let _ = live.to.send((live.loop_id, done, last));
-        // After a stall, skip the boundaries already passed rather than
-        // sending empty intervals in a burst.
-        while live.next <= now {
-            live.next += live.every;
-            live.current.index =
-                ((live.next - started).as_secs_f64() / live.every.as_secs_f64()).round() as u32 - 1;
+        if let Some(live) = &mut self.live {
+            live.close(now, open, errors, last);
         }
     }
 

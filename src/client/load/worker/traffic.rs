@@ -23,6 +23,7 @@ impl Worker {
                 .append(&mut self.outgoing, conn.id, conn.next_seq);
             conn.next_seq = conn.next_seq.wrapping_add(1);
         }
+        conn.in_flight += count;
         match conn.inflight.back_mut() {
             // Sent at the same moment as the batch before: one batch.
             Some(b) if b.due == due && b.sent == now => b.count += count,
@@ -64,7 +65,9 @@ impl Worker {
         }
     }
 
-    /// `--rate`: sends every message that has come due.
+    /// `--rate`: sends every message that has come due, or with
+    /// `--pipeline` messages in flight already, keeps it for later (as wrk2
+    /// does with its one request per connection).
     pub(super) fn send_due(&mut self, now: Instant) {
         if self.plan.rate <= 0.0 {
             return;
@@ -75,12 +78,19 @@ impl Worker {
                 return;
             }
             self.due.pop();
-            if self.conns.contains(key) && self.conns[key].connecting.is_none() {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.connecting.is_none() {
                 // Latency counts from when the message was due, not when
                 // it went out: a client that falls behind its schedule
                 // must not hide the delay (coordinated omission). The
                 // uncorrected latency counts from `now`, the actual send.
-                self.send(key, 1, due, now);
+                if conn.in_flight < self.plan.pipeline {
+                    self.send(key, 1, due, now);
+                } else {
+                    conn.behind.push_back(due);
+                }
                 self.due.push(Reverse((due + period, key)));
             }
         }
@@ -263,8 +273,21 @@ impl Worker {
             }
             left -= take;
         }
+        conn.in_flight -= n;
         match self.plan.workload {
             Workload::Echo if !open_loop && self.sending() => self.send(key, n, now, now),
+            Workload::Echo if open_loop && self.sending() => {
+                // Messages that came due while the window was full go now.
+                while let Some(conn) = self.conns.get_mut(key) {
+                    if conn.in_flight >= self.plan.pipeline {
+                        break;
+                    }
+                    let Some(due) = conn.behind.pop_front() else {
+                        break;
+                    };
+                    self.send(key, 1, due, now);
+                }
+            }
             Workload::Churn => {
                 if counting {
                     self.tally.cycles += 1;
