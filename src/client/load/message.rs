@@ -89,6 +89,16 @@ impl Template {
         let head_end = if self.size >= HEADER { HEADER } else { 0 };
         let mut data = data;
         let mut at = from;
+        if at == 0 && head_end == HEADER && data.len() >= HEADER {
+            // The common case, a whole header: one integer comparison
+            // rather than a call to memcmp for 8 bytes.
+            let got = u64::from_le_bytes(data[..HEADER].try_into().expect("8 bytes"));
+            if got != u64::from(conn) | u64::from(seq) << 32 {
+                return false;
+            }
+            data = &data[HEADER..];
+            at = HEADER;
+        }
         if at < head_end {
             let n = head_end.min(to) - at;
             if data[..n] != self.header(conn, seq)[at..at + n] {
