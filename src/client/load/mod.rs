@@ -221,7 +221,7 @@ pub fn run_loops(
         let handle = thread::Builder::new().name(format!("load-{t}")).spawn(
             move || -> std::io::Result<Tally> {
                 match udp {
-                    Some(addr) => Ok(udp::UdpWorker::new(plan, progress, addr, ids)?.run()),
+                    Some(addr) => Ok(udp::UdpWorker::new(plan, progress, addr, ids, live)?.run()),
                     None => Ok(Worker::new(plan, progress, ids, share, live)?.run()),
                 }
             },
@@ -232,9 +232,14 @@ pub fn run_loops(
         }
     }
     drop(to_collector);
-    // UDP loops report no intervals.
-    let loops = if udp.is_some() { 0 } else { threads as usize };
-    let (rows, tallies) = watch(&plan, &progress, loops, hdr_log, intervals, handles)?;
+    let (rows, tallies) = watch(
+        &plan,
+        &progress,
+        threads as usize,
+        hdr_log,
+        intervals,
+        handles,
+    )?;
     let mut tally = Tally::default();
     for t in tallies {
         tally.merge(t);

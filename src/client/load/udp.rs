@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
+use super::interval::{Live, ToCollector};
 use super::message::{Template, HEADER};
 use super::report::{record, Failure, Tally};
 use super::{Plan, Progress};
@@ -59,15 +60,18 @@ pub struct UdpWorker {
     ready: ReadyList<usize>,
     /// Intact replies, warm-up included.
     replies: u64,
+    live: Option<Live>,
 }
 
 impl UdpWorker {
-    /// Binds one socket per id, each connected to `addr`.
+    /// Binds one socket per id, each connected to `addr`. With `live`, it
+    /// sends an interval every `plan.interval`, tagged with its loop number.
     pub fn new(
         plan: Arc<Plan>,
         progress: Arc<Progress>,
         addr: SocketAddr,
         ids: Vec<u32>,
+        live: Option<(ToCollector, usize)>,
     ) -> io::Result<UdpWorker> {
         let poll = Poll::new()?;
         let mut socks = Vec::with_capacity(ids.len());
@@ -104,7 +108,11 @@ impl UdpWorker {
         }
         progress.opened.fetch_add(tally.opened, Ordering::Relaxed);
         let template = Template::new(plan.size);
+        let live = live
+            .filter(|_| !plan.interval.is_zero())
+            .map(|(to, id)| Live::new(to, id, progress.started, plan.interval));
         Ok(UdpWorker {
+            live,
             plan,
             progress,
             poll,
@@ -215,6 +223,14 @@ impl UdpWorker {
             self.progress
                 .messages
                 .fetch_add(std::mem::take(&mut self.completions), Ordering::Relaxed);
+            let open = self.socks.len() as u64;
+            if let Some(live) = self.live.as_mut().filter(|l| now >= l.next) {
+                live.close(now, open, self.tally.total_errors(), false);
+            }
+        }
+        if let Some(live) = &mut self.live {
+            let open = self.socks.len() as u64;
+            live.close(Instant::now(), open, self.tally.total_errors(), true);
         }
         if self.replies == 0 && !self.socks.is_empty() && self.tally.total_errors() == 0 {
             self.tally.fail(Failure::Timeout, || {
@@ -257,10 +273,15 @@ impl UdpWorker {
                     let (_, sent) = s.inflight.remove(at).expect("position found");
                     self.completions += 1;
                     self.replies += 1;
+                    let latency = now.saturating_duration_since(sent);
                     if measuring && sending {
-                        record(&mut self.tally.latency, now.saturating_duration_since(sent));
+                        record(&mut self.tally.latency, latency);
                         self.tally.messages += 1;
                         self.tally.bytes += size as u64;
+                    }
+                    if let Some(live) = &mut self.live {
+                        live.current.messages += 1;
+                        record(&mut live.current.latency, latency);
                     }
                     if sending {
                         self.send(i, 1, now);
