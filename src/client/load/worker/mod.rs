@@ -2,8 +2,11 @@
 //!
 //! The client side of a reactor: a `Poll`, a `Slab` of connections keyed
 //! by `Token`, non-blocking connects that complete on a writable event,
-//! and reads drained until `WouldBlock`. Each loop runs the whole
-//! workload for its share of the connections and returns a [`Tally`].
+//! and edge-triggered reads: a readable event is read until a read comes
+//! back short (the socket is empty then, and anything later raises a new
+//! edge) or, when the event says the peer closed or the entry comes from
+//! the ready list, until `WouldBlock`. Each loop runs the whole workload
+//! for its share of the connections and returns a [`Tally`].
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
