@@ -17,7 +17,7 @@ def nice_max(v):
     if v <= 0:
         return 1.0
     mag = 10 ** len(str(int(v))) / 10
-    for step in (1, 2, 2.5, 5, 10):
+    for step in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
         if step * mag >= v:
             return step * mag
     return 10 * mag
