@@ -156,7 +156,7 @@ pub struct Worker {
 
 impl Worker {
     /// A loop that will open the connections `ids` (a `share` of all).
-    /// With `live`, it sends an [`Interval`] every `plan.interval`, tagged
+    /// With `live`, it sends an [`Interval`](super::interval::Interval) every `plan.interval`, tagged
     /// with its loop number.
     pub fn new(
         plan: Arc<Plan>,
