@@ -351,3 +351,70 @@ impl HdrLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    fn interval(index: u32, messages: u64, latency_us: u64) -> Interval {
+        let mut iv = Interval::new(index);
+        iv.end = Duration::from_secs(u64::from(index) + 1);
+        iv.messages = messages;
+        iv.open = 1;
+        crate::client::load::report::record_n(
+            &mut iv.latency,
+            Duration::from_micros(latency_us),
+            messages,
+        );
+        iv
+    }
+
+    fn collector(loops: usize) -> (Collector, Rc<RefCell<Vec<String>>>) {
+        let lines = Rc::new(RefCell::new(Vec::new()));
+        let sink = lines.clone();
+        let c = Collector::new(
+            Duration::from_secs(1),
+            loops,
+            false,
+            None,
+            Box::new(move |l| sink.borrow_mut().push(l)),
+        );
+        (c, lines)
+    }
+
+    #[test]
+    fn an_interval_is_printed_once_every_loop_has_sent_it() {
+        let (mut c, lines) = collector(2);
+        c.add(0, interval(0, 10, 100), false);
+        c.add(0, interval(1, 10, 100), false);
+        assert!(lines.borrow().is_empty(), "loop 1 has sent nothing yet");
+        c.add(1, interval(0, 30, 300), false);
+        assert_eq!(lines.borrow().len(), 1);
+        let rows = c.finish();
+        assert_eq!(rows.len(), 2);
+        // Interval 0 adds both loops: 40 messages, a quarter of them at
+        // 100 µs, so its p50 is the other loop's 300 µs (exact, not an
+        // average of the two loops' percentiles).
+        assert_eq!(rows[0].messages, 40);
+        assert_eq!(rows[0].connections_open, 2);
+        let p50 = rows[0].latency_us["p50"].as_f64().unwrap();
+        assert!((299.0..=301.0).contains(&p50), "{p50}");
+        assert_eq!(rows[1].messages, 10);
+    }
+
+    #[test]
+    fn a_finished_loop_holds_nothing_up() {
+        let (mut c, lines) = collector(2);
+        c.add(1, interval(0, 5, 100), true);
+        c.add(0, interval(0, 5, 100), false);
+        c.add(0, interval(1, 5, 100), false);
+        c.add(0, interval(2, 5, 100), false);
+        // Loop 1 is done after interval 0, so 1 and 2 need only loop 0.
+        assert_eq!(lines.borrow().len(), 3);
+        let rows = c.finish();
+        let t: Vec<f64> = rows.iter().map(|r| r.t).collect();
+        assert_eq!(t, [1.0, 2.0, 3.0]);
+    }
+}
