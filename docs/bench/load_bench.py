@@ -6,7 +6,9 @@ to core 0 and one `reactor load` thread pinned to core 1, and measures both
 processes over the same window in the middle of the measured period: CPU
 (utime + stime from /proc/PID/stat) and system calls (perf stat,
 raw_syscalls:sys_enter), each divided by the messages completed in that
-window. Several loader binaries can be compared in the same run
+window; and each pinned core's busy time from /proc/stat, which also counts
+the softirq time (TCP's receive work on loopback) that no process is
+charged for. Several loader binaries can be compared in the same run
 (alternating, so they meet the same machine).
 
     cargo build --release
@@ -36,6 +38,20 @@ def cpu(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def core_busy():
+    """Busy seconds of core 0 and core 1 (everything but idle and iowait,
+    so softirq time, which /proc/PID/stat does not charge to any process,
+    is included: on loopback much of TCP's work runs there)."""
+    busy = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *v = line.split()
+            if name in ("cpu0", "cpu1"):
+                v = list(map(int, v))
+                busy[name] = (sum(v[:8]) - v[3] - v[4]) / TICK
+    return busy["cpu0"], busy["cpu1"]
+
+
 def perf_syscalls(pid, secs, out, key):
     r = subprocess.run(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", str(pid),
                         "--", "sleep", str(secs)], capture_output=True, text=True)
@@ -61,6 +77,7 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
         time.sleep(start)
         w = {}
         c0 = (cpu(server.pid), cpu(p.pid))
+        k0 = core_busy()
         t0 = time.monotonic()
         threads = [threading.Thread(target=perf_syscalls, args=(pid, length, w, k))
                    for pid, k in ((server.pid, "server_sys"), (p.pid, "load_sys"))]
@@ -70,6 +87,7 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
             t.join()
         secs = time.monotonic() - t0
         c1 = (cpu(server.pid), cpu(p.pid))
+        k1 = core_busy()
         out, _ = p.communicate(timeout=300)
         v = json.loads(out)
     finally:
@@ -81,6 +99,9 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
             "server_util": (c1[0] - c0[0]) / secs, "load_util": (c1[1] - c0[1]) / secs,
             "server_ns_per_msg": 1e9 * (c1[0] - c0[0]) / msgs,
             "load_ns_per_msg": 1e9 * (c1[1] - c0[1]) / msgs,
+            "server_core_util": (k1[0] - k0[0]) / secs, "load_core_util": (k1[1] - k0[1]) / secs,
+            "server_core_ns_per_msg": 1e9 * (k1[0] - k0[0]) / msgs,
+            "load_core_ns_per_msg": 1e9 * (k1[1] - k0[1]) / msgs,
             "server_sys_per_msg": w.get("server_sys", 0) / msgs,
             "load_sys_per_msg": w.get("load_sys", 0) / msgs}
 
@@ -109,7 +130,9 @@ def main():
             print(f"{name:8} c={conns:5} p={pipeline:3} {med['msgs_per_sec']:>10.0f} msg/s  "
                   f"server {med['server_util']:.2f} core {med['server_ns_per_msg']:6.0f} ns/msg "
                   f"{med['server_sys_per_msg']:.3f} sys/msg | load {med['load_util']:.2f} core "
-                  f"{med['load_ns_per_msg']:6.0f} ns/msg {med['load_sys_per_msg']:.3f} sys/msg",
+                  f"{med['load_ns_per_msg']:6.0f} ns/msg {med['load_sys_per_msg']:.3f} sys/msg || "
+                  f"cores: server {med['server_core_util']:.2f} {med['server_core_ns_per_msg']:6.0f} "
+                  f"ns/msg, load {med['load_core_util']:.2f} {med['load_core_ns_per_msg']:6.0f} ns/msg",
                   flush=True)
     print("uptime:", open("/proc/loadavg").read().strip())
     if args.out:
