@@ -293,7 +293,7 @@ impl ChatLoop {
             return;
         };
         if let Err(e) = queue.write_to(&mut &client.stream, usize::MAX) {
-            return self.lose(id, format!("client {id}: write failed: {e}"));
+            return self.close_failed(id, format!("client {id}: write failed: {e}"));
         }
         let want = !queue.is_empty();
         if want {
@@ -333,10 +333,12 @@ impl ChatLoop {
                 return;
             }
             let n = match attempt(|| (&client.stream).read(&mut self.scratch)) {
-                Ok(Some(0)) => return self.lose(id, format!("client {id}: closed by the server")),
+                Ok(Some(0)) => {
+                    return self.close_failed(id, format!("client {id}: closed by the server"))
+                }
                 Ok(Some(n)) => n,
                 Ok(None) => return,
-                Err(e) => return self.lose(id, format!("client {id}: {e}")),
+                Err(e) => return self.close_failed(id, format!("client {id}: {e}")),
             };
             budget = budget.saturating_sub(n);
             // One clock read per read that brought lines.
@@ -391,7 +393,7 @@ impl ChatLoop {
             let client = &mut self.clients[id];
             client.partial.extend_from_slice(data);
             if client.partial.len() > MAX_LINE {
-                return self.lose(
+                return self.close_failed(
                     id,
                     format!("client {id}: a line longer than {MAX_LINE} bytes"),
                 );
@@ -438,7 +440,8 @@ impl ChatLoop {
         }
     }
 
-    fn lose(&mut self, id: usize, what: String) {
+    /// Counts a failure on client `id` and stops using it.
+    fn close_failed(&mut self, id: usize, what: String) {
         let client = &mut self.clients[id];
         if client.failed {
             return;

@@ -38,7 +38,7 @@ mod traffic;
 /// SYN retransmits; a window keeps opening fast and steady.
 const MAX_CONNECTING: usize = 512;
 /// How often timeouts are checked.
-const SWEEP: Duration = Duration::from_millis(100);
+const TIMEOUT_CHECK: Duration = Duration::from_millis(100);
 
 /// Where the connections go.
 #[derive(Debug, Clone)]
@@ -220,11 +220,11 @@ impl Worker {
             self.enter(Phase::WarmingUp, Instant::now());
         }
         let mut events = Events::with_capacity(1024);
-        let mut last_sweep = Instant::now();
+        let mut last_timeout_check = Instant::now();
         loop {
             let now = Instant::now();
             self.open_more(now);
-            let timeout = self.poll_timeout(now, last_sweep);
+            let timeout = self.poll_timeout(now, last_timeout_check);
             if let Err(e) = attempt(|| self.poll.poll(&mut events, Some(timeout))) {
                 self.tally
                     .fail(Failure::Closed, || format!("poll failed: {e}"));
@@ -259,9 +259,9 @@ impl Worker {
             self.ready.end_turn(batch);
             let now = Instant::now();
             self.send_due(now);
-            if now.duration_since(last_sweep) >= SWEEP {
-                self.sweep(now);
-                last_sweep = now;
+            if now.duration_since(last_timeout_check) >= TIMEOUT_CHECK {
+                self.check_timeouts(now);
+                last_timeout_check = now;
             }
             self.report_progress();
             if self.live.as_ref().is_some_and(|l| now >= l.next) {
@@ -279,11 +279,11 @@ impl Worker {
         self.tally
     }
 
-    fn poll_timeout(&self, now: Instant, last_sweep: Instant) -> Duration {
+    fn poll_timeout(&self, now: Instant, last_timeout_check: Instant) -> Duration {
         if !self.ready.is_empty() {
             return Duration::ZERO;
         }
-        let mut at = last_sweep + SWEEP;
+        let mut at = last_timeout_check + TIMEOUT_CHECK;
         if let Some(end) = self.phase_end {
             at = at.min(end);
         }
@@ -384,7 +384,7 @@ impl Worker {
         let timed_out = self.phase_end.is_some_and(|end| now >= end);
         // A scan of every connection: only asked for in the phases that
         // wait for everything in flight, never while measuring.
-        let quiet = || {
+        let nothing_in_flight = || {
             self.conns
                 .iter()
                 .all(|(_, c)| c.inflight.is_empty() && c.connecting.is_none())
@@ -392,16 +392,18 @@ impl Worker {
         let opened_all = (self.to_open.is_empty() || self.stop_opening) && self.connecting == 0;
         match (self.plan.workload, self.phase) {
             (Workload::Echo, Phase::Opening) if opened_all => self.enter(Phase::WarmingUp, now),
-            (Workload::Hold, Phase::Opening) if opened_all && quiet() => {
+            (Workload::Hold, Phase::Opening) if opened_all && nothing_in_flight() => {
                 self.tally.open_secs = now.duration_since(self.started).as_secs_f64();
                 self.enter(Phase::Holding, now);
             }
             (_, Phase::WarmingUp) if timed_out => self.enter(Phase::Measuring, now),
             (_, Phase::Measuring) if timed_out => self.enter(Phase::AwaitingReplies, now),
             (_, Phase::Holding) if timed_out => self.enter(Phase::Rechecking, now),
-            (_, Phase::Rechecking) | (_, Phase::AwaitingReplies) if timed_out || quiet() => {
+            (_, Phase::Rechecking) | (_, Phase::AwaitingReplies)
+                if timed_out || nothing_in_flight() =>
+            {
                 // Whatever is still in flight when the time is up is late.
-                self.time_out_everything();
+                self.time_out_in_flight();
                 if self.phase == Phase::Rechecking {
                     self.tally.survived =
                         self.conns.iter().filter(|(_, c)| c.check.seq == 2).count() as u64;

@@ -56,7 +56,7 @@ impl Worker {
             }
             Err(e) => {
                 let id = conn.id;
-                self.lose(
+                self.close_failed(
                     key,
                     Failure::Closed,
                     format!("connection {id}: write failed: {e}"),
@@ -105,7 +105,7 @@ impl Worker {
         };
         if let Err(e) = queue.write_to(&mut &conn.stream, usize::MAX) {
             let id = conn.id;
-            return self.lose(
+            return self.close_failed(
                 key,
                 Failure::Closed,
                 format!("connection {id}: write failed: {e}"),
@@ -155,7 +155,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 Err(e) => {
                     self.connecting -= 1;
-                    self.drop_conn(key);
+                    self.close_conn(key);
                     self.connect_failed(id, e);
                 }
             }
@@ -192,7 +192,7 @@ impl Worker {
             let n = match attempt(|| (&conn.stream).read(&mut self.scratch)) {
                 Ok(Some(0)) => {
                     let id = conn.id;
-                    return self.lose(
+                    return self.close_failed(
                         key,
                         Failure::Closed,
                         format!("connection {id}: closed by the server"),
@@ -204,20 +204,24 @@ impl Worker {
                 Ok(None) => break,
                 Err(e) => {
                     let id = conn.id;
-                    return self.lose(key, Failure::Closed, format!("connection {id}: {e}"));
+                    return self.close_failed(
+                        key,
+                        Failure::Closed,
+                        format!("connection {id}: {e}"),
+                    );
                 }
             };
             budget = budget.saturating_sub(n);
             let id = conn.id;
             match conn.check.feed(&self.template, id, &self.scratch[..n]) {
                 Ok(c) => completed += c,
-                Err(m) => return self.lose(key, Failure::Mismatch, m.to_string()),
+                Err(m) => return self.close_failed(key, Failure::Mismatch, m.to_string()),
             }
             let sent = conn.next_seq;
             if conn.check.seq.wrapping_sub(sent) as i32 > 0
                 || (conn.check.seq == sent && conn.check.offset > 0)
             {
-                return self.lose(
+                return self.close_failed(
                     key,
                     Failure::Mismatch,
                     format!("connection {id}: received bytes that were never sent"),
@@ -292,14 +296,14 @@ impl Worker {
                 if counting {
                     self.tally.cycles += 1;
                 }
-                self.drop_conn(key);
+                self.close_conn(key);
             }
             _ => {}
         }
     }
 
     /// Checks the connects and replies in progress against `--timeout`.
-    pub(super) fn sweep(&mut self, now: Instant) {
+    pub(super) fn check_timeouts(&mut self, now: Instant) {
         let limit = self.plan.timeout;
         let mut stalled = false;
         let late: Vec<(usize, bool)> = self
@@ -322,7 +326,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn time_out_everything(&mut self) {
+    pub(super) fn time_out_in_flight(&mut self) {
         let late: Vec<(usize, bool)> = self
             .conns
             .iter()
@@ -339,12 +343,12 @@ impl Worker {
         let secs = self.plan.timeout.as_secs_f64();
         if connecting {
             self.connecting -= 1;
-            self.drop_conn(key);
+            self.close_conn(key);
             self.tally.fail(Failure::Timeout, || {
                 format!("connection {id}: connect took over {secs} s")
             });
         } else {
-            self.lose(
+            self.close_failed(
                 key,
                 Failure::Timeout,
                 format!("connection {id}: no reply within {secs} s"),
@@ -353,12 +357,13 @@ impl Worker {
     }
 
     /// Counts a failure on an open connection and closes it.
-    pub(super) fn lose(&mut self, key: usize, kind: Failure, what: String) {
-        self.drop_conn(key);
+    pub(super) fn close_failed(&mut self, key: usize, kind: Failure, what: String) {
+        self.close_conn(key);
         self.tally.fail(kind, || what);
     }
 
-    pub(super) fn drop_conn(&mut self, key: usize) {
+    /// Closes connection `key` (churn's normal end, or after a failure).
+    pub(super) fn close_conn(&mut self, key: usize) {
         let mut conn = self.conns.remove(key);
         // Deregister before the socket closes with the drop.
         let _ = self.poll.registry().deregister(&mut conn.stream);
