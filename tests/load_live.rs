@@ -64,8 +64,9 @@ fn intervals_cover_the_run_in_order_and_match_the_lines() {
     assert_eq!(code, Some(0), "{v}");
     let rows = v["intervals"].as_array().unwrap();
     // 2 s of running in 0.5 s intervals, plus the short last one while the
-    // last replies come back.
-    assert!((4..=6).contains(&rows.len()), "{} intervals", rows.len());
+    // last replies come back (a loop stalled past a boundary skips it, so
+    // a busy machine may show one fewer).
+    assert!((3..=7).contains(&rows.len()), "{} intervals", rows.len());
     let t: Vec<f64> = rows.iter().map(|r| f(&r["t"])).collect();
     assert!(t.windows(2).all(|w| w[0] < w[1]), "{t:?}");
     assert!(t[0] >= 0.45 && *t.last().unwrap() >= 1.95, "{t:?}");
