@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::client::connect;
-use crate::client::load::{self, message, udp, worker::Target, Options, Plan, Workload};
+use crate::client::load::{self, chat, message, udp, worker::Target, Options, Plan, Workload};
 use crate::server::{self, Config, Engine, Mode, ServeError};
 
 /// A single-threaded mio event-loop server (echo, chat), with an nc-like
@@ -72,6 +72,9 @@ pub enum WorkloadArg {
     Hold,
     /// Connect, one round trip, close; over and over.
     Churn,
+    /// Chat clients each sending --rate lines per second (default 1); every
+    /// line must reach every other client once, in order per sender.
+    Chat,
 }
 
 /// Log levels.
@@ -195,6 +198,25 @@ pub struct LoadArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// One progress line on stderr every SECS (elapsed, open connections,
+    /// msgs/s, p50/p99/p99.9 of the interval, errors so far); 0 = none.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
+    pub interval: f64,
+    /// Write every interval's latency histogram to FILE as an HdrHistogram
+    /// interval log.
+    #[arg(long, value_name = "FILE")]
+    pub hdr_log: Option<PathBuf>,
+    /// Echo: step the open-loop rate up, then bisect, and report the
+    /// highest total rate whose p99 stayed at most P99_MS.
+    #[arg(long, value_name = "P99_MS", value_parser = positive)]
+    pub find_max_rate: Option<f64>,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a number above 0")),
+    }
 }
 
 fn seconds(s: &str) -> Result<f64, String> {
@@ -269,6 +291,23 @@ impl LoadArgs {
         if self.timeout <= 0.0 {
             return Err("--timeout must be more than 0".into());
         }
+        if self.workload == WorkloadArg::Chat && self.udp.is_some() {
+            return Err("--workload chat runs over streams only".into());
+        }
+        if self.workload == WorkloadArg::Chat && self.connections > chat::MAX_CLIENTS {
+            return Err(format!(
+                "--workload chat checks every line at every client; at most {} clients",
+                chat::MAX_CLIENTS
+            ));
+        }
+        if self.find_max_rate.is_some()
+            && (self.workload != WorkloadArg::Echo || self.udp.is_some())
+        {
+            return Err("--find-max-rate runs the echo workload over streams only".into());
+        }
+        if self.hdr_log.is_some() && self.interval == 0.0 {
+            return Err("--hdr-log writes one histogram per --interval; it cannot be 0".into());
+        }
         Ok(())
     }
 
@@ -289,6 +328,9 @@ impl LoadArgs {
             "unix": self.unix.as_ref().map(|p| p.display().to_string()),
             "udp": self.udp.map(|a| a.to_string()),
             "json": self.json,
+            "interval": self.interval,
+            "hdr_log": self.hdr_log.as_ref().map(|p| p.display().to_string()),
+            "find_max_rate": self.find_max_rate,
         })
     }
 
@@ -297,6 +339,7 @@ impl LoadArgs {
             WorkloadArg::Echo => Workload::Echo,
             WorkloadArg::Hold => Workload::Hold,
             WorkloadArg::Churn => Workload::Churn,
+            WorkloadArg::Chat => Workload::Chat,
         }
     }
 
@@ -309,6 +352,8 @@ impl LoadArgs {
             udp: self.udp,
             json: self.json,
             settings: self.settings(),
+            hdr_log: self.hdr_log.clone(),
+            find_max_rate: self.find_max_rate,
         })
     }
 
@@ -329,6 +374,7 @@ impl LoadArgs {
             warmup: Duration::from_secs_f64(self.warmup),
             timeout: Duration::from_secs_f64(self.timeout),
             source_ips: self.source_ip.clone(),
+            interval: Duration::from_secs_f64(self.interval),
         }
     }
 }

@@ -151,6 +151,10 @@ fn load_runs_echo_over_udp() {
     assert!(v["messages"].as_u64().unwrap() > 0);
     assert!(v["datagrams_lost"].as_u64().is_some());
     assert_eq!(v["errors"]["mismatch"], 0);
+    // Live progress over UDP too: a 1.2 s run in 1 s intervals.
+    let intervals = v["intervals"].as_array().unwrap();
+    assert!((1..=3).contains(&intervals.len()), "{v}");
+    assert!(intervals[0]["messages"].as_u64().unwrap() > 0, "{v}");
 }
 
 #[test]

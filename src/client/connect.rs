@@ -24,6 +24,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::buffer::OutQueue;
+use crate::net::io::attempt;
 use crate::net::Stream;
 
 const SOCKET: Token = Token(0);
@@ -88,11 +89,9 @@ fn spawn_reader<R: Read + Send + 'static>(mut input: R, waker: Arc<Waker>) -> Re
     thread::spawn(move || {
         let mut buf = vec![0; 16 * 1024];
         loop {
-            let n = match input.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => 0,
-            };
+            // A blocking read: it never says WouldBlock, and an error ends
+            // the input like EOF.
+            let n = attempt(|| input.read(&mut buf)).ok().flatten().unwrap_or(0);
             if tx.send(buf[..n].to_vec()).is_err() || waker.wake().is_err() || n == 0 {
                 return;
             }
@@ -123,12 +122,7 @@ where
     let mut shut = false;
     let mut buf = vec![0; 64 * 1024];
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        attempt(|| poll.poll(&mut events, None))?;
         // Only take more from stdin while the socket keeps up, so the
         // channel's bound reaches back to the reader. Registered for both
         // directions all along: with one socket there is nothing to gain
@@ -163,17 +157,17 @@ where
             shut = true;
         }
         loop {
-            match (&stream).read(&mut buf) {
-                Ok(0) => {
+            match attempt(|| (&stream).read(&mut buf)) {
+                Ok(Some(0)) => {
                     output.flush()?;
                     return Ok(());
                 }
-                Ok(n) => {
+                Ok(Some(n)) => {
                     output.write_all(&buf[..n])?;
                     output.flush()?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Drained: wait for the next edge.
+                Ok(None) => break,
                 Err(e) => {
                     return Err(io::Error::new(e.kind(), format!("connection lost: {e}")));
                 }
@@ -211,11 +205,9 @@ where
     let mut input_done = false;
     loop {
         let timeout = input_done.then_some(UDP_LINGER);
-        match poll.poll(&mut events, timeout) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(()) if events.is_empty() && input_done => return Ok(()),
-            Ok(()) => {}
+        attempt(|| poll.poll(&mut events, timeout))?;
+        if events.is_empty() && input_done {
+            return Ok(());
         }
         while !input_done {
             match chunks.try_recv() {
@@ -238,14 +230,13 @@ where
             }
         }
         loop {
-            match socket.recv(&mut buf) {
-                Ok(n) => {
+            match attempt(|| socket.recv(&mut buf)) {
+                Ok(Some(n)) => {
                     output.write_all(&buf[..n])?;
                     output.write_all(b"\n")?;
                     output.flush()?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(None) => break,
                 Err(e) => return Err(io::Error::new(e.kind(), format!("udp: {e}"))),
             }
         }
@@ -256,12 +247,9 @@ fn send_datagram(socket: &UdpSocket, data: &[u8]) -> io::Result<()> {
     // A datagram socket's send buffer rarely fills; when it does, wait a
     // moment rather than drop the user's line.
     for _ in 0..1000 {
-        match socket.send(data) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(1))
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        match attempt(|| socket.send(data)) {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => thread::sleep(Duration::from_millis(1)),
             Err(e) => return Err(io::Error::new(e.kind(), format!("udp send: {e}"))),
         }
     }

@@ -14,6 +14,18 @@
 //! the connection is cheaper than a search); an entry for a socket closed
 //! since must be harmless to the caller.
 
+use std::time::Duration;
+
+/// Size of a loop's one shared read buffer: every connection reads into it
+/// in turn, so an idle connection owns no read buffer.
+pub const SCRATCH: usize = 64 * 1024;
+
+/// Most bytes read from one socket per event before the others get a turn.
+pub const READ_BUDGET: usize = 4 * SCRATCH;
+
+/// Most bytes written to one socket per event.
+pub const WRITE_BUDGET: usize = 4 * SCRATCH;
+
 /// Entries for this turn and the next, in two vectors that trade places
 /// each turn, so neither is reallocated in steady state.
 #[derive(Debug)]
@@ -40,6 +52,16 @@ impl<T> ReadyList<T> {
     /// True when nothing waits for the next turn (the loop may sleep).
     pub fn is_empty(&self) -> bool {
         self.next.is_empty()
+    }
+
+    /// How long `poll` may sleep: zero while anything waits (its readiness
+    /// will raise no event), else `otherwise`.
+    pub fn poll_timeout(&self, otherwise: Duration) -> Duration {
+        if self.is_empty() {
+            otherwise
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Entries waiting.
@@ -78,6 +100,15 @@ mod tests {
         list.end_turn(turn);
         assert_eq!(list.len(), 1);
         assert_eq!(list.begin_turn(), [3]);
+    }
+
+    #[test]
+    fn poll_does_not_sleep_while_anything_waits() {
+        let mut list = ReadyList::default();
+        let second = Duration::from_secs(1);
+        assert_eq!(list.poll_timeout(second), second);
+        list.push(7_usize);
+        assert_eq!(list.poll_timeout(second), Duration::ZERO);
     }
 
     #[test]

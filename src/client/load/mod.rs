@@ -7,6 +7,9 @@
 //! into HDR histograms; the loops' tallies are merged into one
 //! [`report::Report`], printed as a table or as JSON.
 
+pub mod chat;
+pub mod interval;
+mod max_rate;
 pub mod message;
 pub mod report;
 pub mod udp;
@@ -14,11 +17,13 @@ pub mod worker;
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use report::{Report, Tally};
 use worker::{Target, Worker};
@@ -32,6 +37,8 @@ pub enum Workload {
     Hold,
     /// Connect, one round trip, close; over and over.
     Churn,
+    /// Chat clients sending lines that every other client must receive.
+    Chat,
 }
 
 impl Workload {
@@ -41,12 +48,13 @@ impl Workload {
             Workload::Echo => "echo",
             Workload::Hold => "hold",
             Workload::Churn => "churn",
+            Workload::Chat => "chat",
         }
     }
 }
 
 /// Everything a loop needs to know, shared by all of them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// What to do.
     pub workload: Workload,
@@ -70,17 +78,32 @@ pub struct Plan {
     pub timeout: Duration,
     /// Local addresses to bind before connecting.
     pub source_ips: Vec<IpAddr>,
+    /// Live progress every this long; zero = none.
+    pub interval: Duration,
 }
 
 /// Counters the loops bump and the progress line reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
+    /// When the run began: intervals count from here.
+    pub started: Instant,
     /// Connections established so far.
     pub opened: AtomicU64,
     /// Messages completed so far, warm-up included.
     pub messages: AtomicU64,
     /// Set once the first loop starts measuring.
     pub measuring: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            started: Instant::now(),
+            opened: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            measuring: AtomicBool::new(false),
+        }
+    }
 }
 
 /// A whole `reactor load` run: the plan every loop follows, plus what
@@ -97,6 +120,10 @@ pub struct Options {
     pub json: bool,
     /// Every flag's value, echoed in the report.
     pub settings: serde_json::Value,
+    /// `--hdr-log`: write every interval's histogram here.
+    pub hdr_log: Option<PathBuf>,
+    /// `--find-max-rate`: the p99 (ms) the highest rate must keep.
+    pub find_max_rate: Option<f64>,
 }
 
 /// Runs `reactor load`: 0 when everything came back as sent, 1 otherwise.
@@ -112,100 +139,207 @@ pub fn run(args: Options) -> ExitCode {
             limit.saturating_sub(16)
         );
     }
+    if let Some(p99_ms) = args.find_max_rate {
+        return max_rate::run(args, p99_ms);
+    }
     let connections = args.plan.connections;
     let workload = args.plan.workload;
-    let plan = Arc::new(args.plan);
-    let progress = Arc::new(Progress::default());
-    let threads = args.threads.min(connections);
-    let mut handles = Vec::new();
-    for t in 0..threads {
-        // Deal connection ids round-robin, so each loop gets its share.
-        let ids: Vec<u32> = (t..connections).step_by(threads as usize).collect();
-        let share = ids.len() as f64 / f64::from(connections);
-        let (plan, progress) = (plan.clone(), progress.clone());
-        let udp = args.udp;
-        let handle = thread::Builder::new().name(format!("load-{t}")).spawn(
-            move || -> std::io::Result<Tally> {
-                match udp {
-                    Some(addr) => Ok(udp::UdpWorker::new(plan, progress, addr, ids)?.run()),
-                    None => Ok(Worker::new(plan, progress, ids, share)?.run()),
-                }
-            },
-        );
-        match handle {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                eprintln!("reactor load: cannot start a thread: {e}");
-                return ExitCode::FAILURE;
-            }
+    let open_loop = args.plan.rate > 0.0 && workload == Workload::Echo;
+    let outcome = run_loops(
+        Arc::new(args.plan),
+        args.threads,
+        args.udp,
+        args.hdr_log.as_deref(),
+    );
+    let (tally, intervals, chat) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            eprintln!("reactor load: {e}");
+            return ExitCode::FAILURE;
         }
-    }
-    let bar = progress_bar(&plan, &progress, &handles);
-    let mut tally = Tally::default();
-    for h in handles {
-        match h.join() {
-            Ok(Ok(t)) => tally.merge(t),
-            Ok(Err(e)) => {
-                eprintln!("reactor load: {e}");
-                return ExitCode::FAILURE;
-            }
-            Err(_) => {
-                eprintln!("reactor load: a load thread panicked");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    };
+    let mut extra = serde_json::Map::new();
+    if let Some(c) = chat {
+        extra.insert("lines_sent".into(), c.lines_sent.into());
+        extra.insert("deliveries".into(), c.deliveries.into());
+        let per_sec = if tally.measured_secs > 0.0 {
+            tally.messages as f64 / tally.measured_secs
+        } else {
+            0.0
+        };
+        extra.insert("deliveries_per_sec".into(), per_sec.round().into());
     }
     let report = Report {
         workload: workload.name(),
         settings: args.settings,
         connections: u64::from(connections),
         udp: args.udp.is_some(),
+        open_loop,
+        intervals,
+        extra,
         tally,
     };
-    if args.json {
-        println!("{}", report.json());
-    } else {
-        print!("{}", report.table());
-    }
-    if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    report.print(args.json)
 }
 
-/// On a terminal, a live line while the loops run (drawn on stderr so it
-/// never mixes with the report); nothing when stdout is not a terminal.
-fn progress_bar<T>(
+/// What [`run_loops`] returns: the loops' tallies merged, the interval
+/// rows, and for chat its own counts.
+pub type Outcome = (Tally, Vec<interval::Row>, Option<chat::ChatCounts>);
+
+/// Runs the loops once, with live progress, and returns what they counted.
+pub fn run_loops(
+    plan: Arc<Plan>,
+    threads: u32,
+    udp: Option<SocketAddr>,
+    hdr_log: Option<&Path>,
+) -> Result<Outcome, String> {
+    let connections = plan.connections;
+    let progress = Arc::new(Progress::default());
+    if plan.workload == Workload::Chat {
+        // Chat checks every line against every client: one loop.
+        let (p, q) = (plan.clone(), progress.clone());
+        let (to_collector, intervals) = mpsc::channel();
+        let handle = thread::Builder::new()
+            .name("load-chat".into())
+            .spawn(move || -> std::io::Result<_> {
+                Ok(chat::ChatLoop::new(p, q, Some((to_collector, 0)))?.run())
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        let (rows, result) = watch(&plan, &progress, 1, hdr_log, intervals, vec![handle])?;
+        let (tally, counts) = result.into_iter().next().expect("one loop");
+        return Ok((tally, rows, Some(counts)));
+    }
+    let threads = threads.min(connections);
+    let (to_collector, intervals) = mpsc::channel();
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        // Deal connection ids round-robin, so each loop gets its share.
+        let ids: Vec<u32> = (t..connections).step_by(threads as usize).collect();
+        let share = ids.len() as f64 / f64::from(connections);
+        let (plan, progress) = (plan.clone(), progress.clone());
+        let live = Some((to_collector.clone(), t as usize));
+        let handle = thread::Builder::new().name(format!("load-{t}")).spawn(
+            move || -> std::io::Result<Tally> {
+                match udp {
+                    Some(addr) => Ok(udp::UdpWorker::new(plan, progress, addr, ids, live)?.run()),
+                    None => Ok(Worker::new(plan, progress, ids, share, live)?.run()),
+                }
+            },
+        );
+        match handle {
+            Ok(h) => handles.push(h),
+            Err(e) => return Err(format!("cannot start a thread: {e}")),
+        }
+    }
+    drop(to_collector);
+    let (rows, tallies) = watch(
+        &plan,
+        &progress,
+        threads as usize,
+        hdr_log,
+        intervals,
+        handles,
+    )?;
+    let mut tally = Tally::default();
+    for t in tallies {
+        tally.merge(t);
+    }
+    Ok((tally, rows, None))
+}
+
+/// While the loops run: collects and prints their intervals, draws the
+/// bar; then joins them and returns the rows and each loop's result.
+fn watch<T>(
     plan: &Plan,
     progress: &Progress,
-    handles: &[thread::JoinHandle<T>],
-) -> Option<indicatif::ProgressBar> {
+    loops: usize,
+    hdr_log: Option<&Path>,
+    intervals: mpsc::Receiver<(usize, interval::Interval, bool)>,
+    handles: Vec<thread::JoinHandle<std::io::Result<T>>>,
+) -> Result<(Vec<interval::Row>, Vec<T>), String> {
+    let hdr_log = match hdr_log {
+        Some(path) => Some(
+            interval::HdrLog::create(path, SystemTime::now())
+                .map_err(|e| format!("--hdr-log {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let bar = progress_bar();
+    let print: Box<dyn FnMut(String)> = match &bar {
+        // Lines go above the bar, which stays at the bottom.
+        Some(bar) => {
+            let bar = bar.clone();
+            Box::new(move |line| bar.println(line))
+        }
+        None => Box::new(|line| eprintln!("{line}")),
+    };
+    let loops = if plan.interval.is_zero() { 0 } else { loops };
+    let open_loop = plan.rate > 0.0 && plan.workload == Workload::Echo;
+    let mut collector = interval::Collector::new(plan.interval, loops, open_loop, hdr_log, print);
+    let mut last = (Instant::now(), 0);
+    while handles.iter().any(|h| !h.is_finished()) {
+        match intervals.recv_timeout(Duration::from_millis(100)) {
+            Ok((from, iv, done)) => collector.add(from, iv, done),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Every loop has dropped its sender: only the joins are left.
+            Err(mpsc::RecvTimeoutError::Disconnected) => thread::sleep(Duration::from_millis(50)),
+        }
+        if let Some(bar) = &bar {
+            update_bar(bar, plan, progress, &mut last);
+        }
+    }
+    for (from, iv, done) in intervals.try_iter() {
+        collector.add(from, iv, done);
+    }
+    let rows = collector.finish();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(t)) => results.push(t),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("a load thread panicked".into()),
+        }
+    }
+    Ok((rows, results))
+}
+
+/// On a terminal, a live line while the loops run, drawn on stderr so it
+/// never mixes with the report, with the interval lines printed above it;
+/// nothing when stdout is not a terminal.
+fn progress_bar() -> Option<indicatif::ProgressBar> {
     if !std::io::stdout().is_terminal() || !std::io::stderr().is_terminal() {
         return None;
     }
-    let bar = indicatif::ProgressBar::new_spinner();
-    let mut last = 0;
-    while handles.iter().any(|h| !h.is_finished()) {
-        let opened = progress.opened.load(Ordering::Relaxed);
-        let messages = progress.messages.load(Ordering::Relaxed);
-        let stage = if progress.measuring.load(Ordering::Relaxed) {
-            "measuring"
-        } else {
-            "starting"
-        };
-        bar.set_message(format!(
-            "{} {stage}: {opened}/{} connections opened, {messages} messages ({:.0}/s)",
-            plan.workload.name(),
-            plan.connections,
-            (messages - last) as f64 / 0.2,
-        ));
-        last = messages;
-        bar.tick();
-        thread::sleep(Duration::from_millis(200));
+    Some(indicatif::ProgressBar::new_spinner())
+}
+
+fn update_bar(
+    bar: &indicatif::ProgressBar,
+    plan: &Plan,
+    progress: &Progress,
+    (at, messages_then): &mut (Instant, u64),
+) {
+    let secs = at.elapsed().as_secs_f64();
+    if secs < 0.2 {
+        return;
     }
-    Some(bar)
+    let opened = progress.opened.load(Ordering::Relaxed);
+    let messages = progress.messages.load(Ordering::Relaxed);
+    let stage = if progress.measuring.load(Ordering::Relaxed) {
+        "measuring"
+    } else {
+        "starting"
+    };
+    bar.set_message(format!(
+        "{} {stage}: {opened}/{} connections opened, {messages} messages ({:.0}/s)",
+        plan.workload.name(),
+        plan.connections,
+        (messages - *messages_then) as f64 / secs,
+    ));
+    *at = Instant::now();
+    *messages_then = messages;
+    bar.tick();
 }

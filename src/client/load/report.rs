@@ -7,6 +7,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
+use super::interval::Row;
+
 /// How many failure descriptions a report keeps (the counts are exact).
 const EXAMPLES: usize = 5;
 
@@ -18,8 +20,15 @@ pub fn histogram() -> Histogram<u64> {
 
 /// Records a duration, clamped into the histogram's range.
 pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    record_n(h, d, 1);
+}
+
+/// Records `n` samples of the same duration at once: messages sent in one
+/// write and completed by one read share both timestamps, so a pipeline's
+/// worth costs one histogram update, not one per message.
+pub fn record_n(h: &mut Histogram<u64>, d: Duration, n: u64) {
     let ns = (d.as_nanos() as u64).clamp(1, h.high());
-    h.record(ns).expect("value clamped into range");
+    h.record_n(ns, n).expect("value clamped into range");
 }
 
 /// The kinds of failure a run can meet.
@@ -37,16 +46,19 @@ pub enum Failure {
     Closed,
     /// A connect or a reply took longer than `--timeout`.
     Timeout,
+    /// chat: a line never reached a client that should have had it.
+    Lost,
 }
 
 impl Failure {
-    const ALL: [Failure; 6] = [
+    const ALL: [Failure; 7] = [
         Failure::Connect,
         Failure::FdLimit,
         Failure::Ports,
         Failure::Mismatch,
         Failure::Closed,
         Failure::Timeout,
+        Failure::Lost,
     ];
 
     /// The key used in JSON and in the table.
@@ -58,6 +70,7 @@ impl Failure {
             Failure::Mismatch => "mismatch",
             Failure::Closed => "closed",
             Failure::Timeout => "timeout",
+            Failure::Lost => "lost",
         }
     }
 }
@@ -73,12 +86,15 @@ pub struct Tally {
     pub messages: u64,
     /// Bytes sent in those messages.
     pub bytes: u64,
-    /// Round-trip time per message (ns).
+    /// Round-trip time per message (ns); in open loop counted from the
+    /// time the message was due.
     pub latency: Histogram<u64>,
+    /// Open loop: round-trip time counted from the actual send (ns).
+    pub latency_uncorrected: Histogram<u64>,
     /// Time from `connect` to established (ns).
     pub connect_latency: Histogram<u64>,
     /// Failure counts, one per [`Failure`] kind, in declaration order.
-    pub errors: [u64; 6],
+    pub errors: [u64; 7],
     /// A few failures, described.
     pub examples: Vec<String>,
     /// Length of the measured window, seconds.
@@ -101,8 +117,9 @@ impl Default for Tally {
             messages: 0,
             bytes: 0,
             latency: histogram(),
+            latency_uncorrected: histogram(),
             connect_latency: histogram(),
-            errors: [0; 6],
+            errors: [0; 7],
             examples: Vec::new(),
             measured_secs: 0.0,
             open_secs: 0.0,
@@ -146,17 +163,22 @@ impl Tally {
         self.bytes = 0;
         self.cycles = 0;
         self.latency.reset();
+        self.latency_uncorrected.reset();
     }
 
-    /// Adds another loop's counts to these. Loops measure windows of the
-    /// same length side by side, so rates add up; the window kept is the
-    /// longest.
+    /// Adds another loop's (or process's) counts to these. Loops measure
+    /// windows of the same length side by side, so rates add up; the window
+    /// kept is the longest. Histograms are added bucket by bucket, so the
+    /// merged percentiles are exact (never averages of percentiles).
     pub fn merge(&mut self, other: Tally) {
         self.opened += other.opened;
         self.not_opened += other.not_opened;
         self.messages += other.messages;
         self.bytes += other.bytes;
         self.latency.add(&other.latency).expect("same bounds");
+        self.latency_uncorrected
+            .add(&other.latency_uncorrected)
+            .expect("same bounds");
         self.connect_latency
             .add(&other.connect_latency)
             .expect("same bounds");
@@ -186,11 +208,33 @@ pub struct Report {
     pub connections: u64,
     /// Datagram mode (`--udp`).
     pub udp: bool,
+    /// Open loop (`--rate`): the uncorrected latency is shown too.
+    pub open_loop: bool,
+    /// `--interval`: one row per interval.
+    pub intervals: Vec<Row>,
+    /// Keys only some runs have (`--find-max-rate`, chat), added to the
+    /// JSON object as they are.
+    pub extra: serde_json::Map<String, Value>,
     /// The counts.
     pub tally: Tally,
 }
 
 impl Report {
+    /// Prints the table (or with `json` the JSON object) on stdout and
+    /// returns the exit status: 0 when [`ok`](Report::ok), else 1.
+    pub fn print(&self, json: bool) -> std::process::ExitCode {
+        if json {
+            println!("{}", self.json());
+        } else {
+            print!("{}", self.table());
+        }
+        if self.ok() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    }
+
     fn per_sec(&self, n: u64) -> f64 {
         if self.tally.measured_secs > 0.0 {
             n as f64 / self.tally.measured_secs
@@ -219,6 +263,7 @@ impl Report {
             )),
             "echo" if t.messages == 0 => p.push("no message completed".into()),
             "churn" if t.cycles == 0 => p.push("no connection cycle completed".into()),
+            "chat" if t.messages == 0 => p.push("no line delivered".into()),
             _ => {}
         }
         p
@@ -237,7 +282,7 @@ impl Report {
         for kind in Failure::ALL {
             errors.insert(kind.name().into(), json!(t.count(kind)));
         }
-        json!({
+        let mut v = json!({
             "workload": self.workload,
             "settings": self.settings,
             "connections_opened": t.opened,
@@ -257,7 +302,15 @@ impl Report {
             "failures": t.examples,
             "problems": self.problems(),
             "ok": self.ok(),
-        })
+            "intervals": self.intervals.iter().map(Row::json).collect::<Vec<_>>(),
+        });
+        if self.open_loop {
+            v["latency_uncorrected_us"] = percentiles(&t.latency_uncorrected);
+        }
+        for (k, x) in &self.extra {
+            v[k] = x.clone();
+        }
+        v
     }
 
     /// The table for people.
@@ -305,6 +358,15 @@ impl Report {
                 "messages      {} round trips (one before the hold, one after)",
                 t.messages
             );
+        } else if self.workload == "chat" {
+            let _ = writeln!(
+                s,
+                "deliveries    {} in {:.2} s ({:.0} lines/s delivered; {} lines sent in all)",
+                t.messages,
+                t.measured_secs,
+                self.per_sec(t.messages),
+                self.extra.get("lines_sent").cloned().unwrap_or(Value::Null)
+            );
         } else {
             let _ = writeln!(
                 s,
@@ -323,10 +385,21 @@ impl Report {
             "{:14} {:>10} {:>10} {:>10} {:>10} {:>10}",
             "", "p50", "p90", "p99", "p99.9", "max"
         );
-        for (name, h) in [
-            ("latency µs", &t.latency),
-            ("connect µs", &t.connect_latency),
-        ] {
+        let uncorrected = if self.open_loop {
+            Some(("uncorrected µs", &t.latency_uncorrected))
+        } else {
+            None
+        };
+        let latency = if self.workload == "chat" {
+            "delivery µs"
+        } else {
+            "latency µs"
+        };
+        for (name, h) in [(latency, &t.latency)]
+            .into_iter()
+            .chain(uncorrected)
+            .chain([("connect µs", &t.connect_latency)])
+        {
             if h.is_empty() {
                 continue;
             }
@@ -367,7 +440,8 @@ const QUANTILES: [(&str, f64); 5] = [
     ("max", 1.0),
 ];
 
-fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
+/// Quantile `q` of `h` in µs (`q` = 1: the maximum); 0 when empty.
+pub fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() {
         return 0.0;
     }
@@ -379,7 +453,8 @@ fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
     ns as f64 / 1000.0
 }
 
-fn percentiles(h: &Histogram<u64>) -> Value {
+/// `p50`, `p90`, `p99`, `p999` and `max` of `h`, in µs, as JSON.
+pub fn percentiles(h: &Histogram<u64>) -> Value {
     let mut m = serde_json::Map::new();
     for (name, q) in QUANTILES {
         m.insert(name.into(), json!(round1(quantile_us(h, q))));
@@ -404,16 +479,21 @@ fn describe(settings: &Value) -> String {
         _ => get("addr").as_str().unwrap_or("?").to_string(),
     };
     let workload = get("workload").as_str().unwrap_or("?").to_string();
+    let shape = if workload == "chat" {
+        let rate = get("rate").as_f64().filter(|&r| r > 0.0).unwrap_or(1.0);
+        format!("{rate} lines/s per client")
+    } else {
+        format!("pipeline {}", get("pipeline"))
+    };
     let time = if workload == "hold" {
         format!("held {} s", get("duration"))
     } else {
         format!("{} s (+{} s warm-up)", get("duration"), get("warmup"))
     };
     format!(
-        "{workload} against {target}, {} connections, {} B messages, pipeline {}, {time}, {} thread(s)",
+        "{workload} against {target}, {} connections, {} B messages, {shape}, {time}, {} thread(s)",
         get("connections"),
         get("size"),
-        get("pipeline"),
         get("threads"),
     )
 }
@@ -428,6 +508,9 @@ mod tests {
             settings: json!({"workload": workload}),
             connections: 2,
             udp: false,
+            open_loop: false,
+            intervals: Vec::new(),
+            extra: serde_json::Map::new(),
             tally,
         }
     }

@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 
-use super::message::{self, HEADER};
+use super::interval::{Live, ToCollector};
+use super::message::{Template, HEADER};
 use super::report::{record, Failure, Tally};
 use super::{Plan, Progress};
+use crate::net::io::attempt;
+use crate::net::ready::ReadyList;
 
 /// The largest UDP payload over IPv4: 65,535 − 8 (UDP) − 20 (IP).
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -51,20 +54,24 @@ pub struct UdpWorker {
     tally: Tally,
     buf: Vec<u8>,
     out: Vec<u8>,
+    template: Template,
     completions: u64,
     /// Sockets whose budget ran out while still readable.
-    again: Vec<usize>,
+    ready: ReadyList<usize>,
     /// Intact replies, warm-up included.
     replies: u64,
+    live: Option<Live>,
 }
 
 impl UdpWorker {
-    /// Binds one socket per id, each connected to `addr`.
+    /// Binds one socket per id, each connected to `addr`. With `live`, it
+    /// sends an interval every `plan.interval`, tagged with its loop number.
     pub fn new(
         plan: Arc<Plan>,
         progress: Arc<Progress>,
         addr: SocketAddr,
         ids: Vec<u32>,
+        live: Option<(ToCollector, usize)>,
     ) -> io::Result<UdpWorker> {
         let poll = Poll::new()?;
         let mut socks = Vec::with_capacity(ids.len());
@@ -100,7 +107,12 @@ impl UdpWorker {
             }
         }
         progress.opened.fetch_add(tally.opened, Ordering::Relaxed);
+        let template = Template::new(plan.size);
+        let live = live
+            .filter(|_| !plan.interval.is_zero())
+            .map(|(to, id)| Live::new(to, id, progress.started, plan.interval));
         Ok(UdpWorker {
+            live,
             plan,
             progress,
             poll,
@@ -108,8 +120,9 @@ impl UdpWorker {
             tally,
             buf: vec![0; MAX_DATAGRAM + 1],
             out: Vec::with_capacity(MAX_DATAGRAM),
+            template,
             completions: 0,
-            again: Vec::new(),
+            ready: ReadyList::default(),
             replies: 0,
         })
     }
@@ -147,17 +160,11 @@ impl UdpWorker {
                 });
                 break;
             }
-            let wait = if self.again.is_empty() {
-                TICK
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.tally
-                        .fail(Failure::Closed, || format!("poll failed: {e}"));
-                    break;
-                }
+            let wait = self.ready.poll_timeout(TICK);
+            if let Err(e) = attempt(|| self.poll.poll(&mut events, Some(wait))) {
+                self.tally
+                    .fail(Failure::Closed, || format!("poll failed: {e}"));
+                break;
             }
             let now = Instant::now();
             for event in events.iter() {
@@ -176,11 +183,15 @@ impl UdpWorker {
             }
             // No edge will come for what a socket still holds past its
             // budget: serve those after the events.
-            for i in std::mem::take(&mut self.again) {
+            // (A socket is pushed at most once per turn: only `receive`
+            // pushes, once, when its budget runs out.)
+            let batch = self.ready.begin_turn();
+            for &i in &batch {
                 if self.receive(i, Instant::now(), measuring, sending) {
                     last_reply = now;
                 }
             }
+            self.ready.end_turn(batch);
             // Whatever waited too long is lost; send another in its place.
             // Losses are counted after a second, so looking every tick
             // (not every turn of the loop) is plenty.
@@ -212,6 +223,14 @@ impl UdpWorker {
             self.progress
                 .messages
                 .fetch_add(std::mem::take(&mut self.completions), Ordering::Relaxed);
+            let open = self.socks.len() as u64;
+            if let Some(live) = self.live.as_mut().filter(|l| now >= l.next) {
+                live.close(now, open, self.tally.total_errors(), false);
+            }
+        }
+        if let Some(live) = &mut self.live {
+            let open = self.socks.len() as u64;
+            live.close(Instant::now(), open, self.tally.total_errors(), true);
         }
         if self.replies == 0 && !self.socks.is_empty() && self.tally.total_errors() == 0 {
             self.tally.fail(Failure::Timeout, || {
@@ -227,10 +246,9 @@ impl UdpWorker {
         let mut any = false;
         for _ in 0..RECV_BUDGET {
             let s = &mut self.socks[i];
-            let n = match s.socket.recv(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            let n = match attempt(|| s.socket.recv(&mut self.buf)) {
+                Ok(Some(n)) => n,
+                Ok(None) => return any,
                 // ECONNREFUSED: an ICMP port-unreachable came back for an
                 // earlier datagram; the server is not there.
                 Err(e) => {
@@ -248,20 +266,22 @@ impl UdpWorker {
             } else {
                 0
             };
-            let intact = n == size
-                && d.iter()
-                    .enumerate()
-                    .all(|(j, &b)| b == message::byte(s.id, seq, size, j));
+            let intact = n == size && self.template.matches(s.id, seq, 0, d);
             let slot = s.inflight.iter().position(|&(q, _)| q == seq);
             match (intact, slot) {
                 (true, Some(at)) => {
                     let (_, sent) = s.inflight.remove(at).expect("position found");
                     self.completions += 1;
                     self.replies += 1;
+                    let latency = now.saturating_duration_since(sent);
                     if measuring && sending {
-                        record(&mut self.tally.latency, now.saturating_duration_since(sent));
+                        record(&mut self.tally.latency, latency);
                         self.tally.messages += 1;
                         self.tally.bytes += size as u64;
+                    }
+                    if let Some(live) = &mut self.live {
+                        live.current.messages += 1;
+                        record(&mut live.current.latency, latency);
                     }
                     if sending {
                         self.send(i, 1, now);
@@ -282,22 +302,21 @@ impl UdpWorker {
                 }
             }
         }
-        self.again.push(i);
+        self.ready.push(i);
         any
     }
 
     fn send(&mut self, i: usize, count: u32, now: Instant) {
-        let size = self.plan.size;
         let s = &mut self.socks[i];
         for k in 0..count {
             self.out.clear();
-            message::append(&mut self.out, s.id, s.next_seq, size);
-            match s.socket.send(&self.out) {
-                Ok(_) => {
+            self.template.append(&mut self.out, s.id, s.next_seq);
+            match attempt(|| s.socket.send(&self.out)) {
+                Ok(Some(_)) => {
                     s.inflight.push_back((s.next_seq, now));
                     s.next_seq = s.next_seq.wrapping_add(1);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(None) => {
                     s.owed += count - k;
                     if !s.writable {
                         s.writable = true;

@@ -30,20 +30,22 @@ impl Worker {
                 self.next_connect =
                     self.next_connect.max(now - self.connect_gap) + self.connect_gap;
             }
-            match self.connect() {
-                Ok(stream) => {
+            match attempt(|| self.connect()) {
+                Ok(Some(stream)) => {
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     let mut conn = Conn {
                         stream,
                         id,
                         connecting: Some(now),
-                        out: Vec::new(),
-                        written: 0,
+                        unsent: None,
                         next_seq: 0,
                         check: Checker::default(),
                         inflight: VecDeque::new(),
+                        in_flight: 0,
+                        behind: VecDeque::new(),
                         writable: true,
+                        on_ready_list: false,
                     };
                     if let Err(e) = self.poll.registry().register(
                         &mut conn.stream,
@@ -59,7 +61,7 @@ impl Worker {
                 }
                 // A Unix listener with a full backlog says EAGAIN: try
                 // this id again on a later turn.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Ok(None) => {
                     if self.plan.workload != Workload::Churn {
                         self.to_open.push_front(id);
                     }
@@ -88,6 +90,9 @@ impl Worker {
                 }
                 match socket.connect(&(*addr).into()) {
                     Ok(()) => {}
+                    // Not `attempt`: a non-blocking connect that has not
+                    // finished yet is under way, not to be made again; it
+                    // completes with a writable event.
                     Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
@@ -135,7 +140,7 @@ impl Worker {
         self.connecting -= 1;
         self.tally.opened += 1;
         self.last_open = now;
-        let measuring = self.plan.workload != Workload::Churn || self.phase == Phase::Measure;
+        let measuring = self.plan.workload != Workload::Churn || self.phase == Phase::Measuring;
         if measuring {
             record(&mut self.tally.connect_latency, now - since);
         }
@@ -157,7 +162,7 @@ impl Worker {
             _ => 1,
         };
         if sending && first > 0 {
-            self.send(key, first, now);
+            self.send(key, first, now, now);
         }
     }
 }

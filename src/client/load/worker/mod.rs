@@ -2,8 +2,11 @@
 //!
 //! The client side of a reactor: a `Poll`, a `Slab` of connections keyed
 //! by `Token`, non-blocking connects that complete on a writable event,
-//! and reads drained until `WouldBlock`. Each loop runs the whole
-//! workload for its share of the connections and returns a [`Tally`].
+//! and edge-triggered reads: a readable event is read until a read comes
+//! back short (the socket is empty then, and anything later raises a new
+//! edge) or, when the event says the peer closed or the entry comes from
+//! the ready list, until `WouldBlock`. Each loop runs the whole workload
+//! for its share of the connections and returns a [`Tally`].
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -18,9 +21,13 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::message::{self, Checker};
-use super::report::{record, Failure, Tally};
+use super::interval::{Live, ToCollector};
+use super::message::{Checker, Template};
+use super::report::{record, record_n, Failure, Tally};
 use super::{Plan, Progress, Workload};
+use crate::buffer::OutQueue;
+use crate::net::io::attempt;
+use crate::net::ready::{ReadyList, READ_BUDGET, SCRATCH};
 use crate::net::Stream;
 
 mod connect;
@@ -31,14 +38,7 @@ mod traffic;
 /// SYN retransmits; a window keeps opening fast and steady.
 const MAX_CONNECTING: usize = 512;
 /// How often timeouts are checked.
-const SWEEP: Duration = Duration::from_millis(100);
-/// Read buffer, shared by every connection of the loop.
-const SCRATCH: usize = 64 * 1024;
-/// Bytes read from one connection per turn. Each reply is answered with a
-/// new message at once, so against a fast server one connection could stay
-/// readable forever and starve the rest; past the budget it waits on the
-/// ready list (no new edge would say it is still readable).
-const READ_BUDGET: usize = 4 * SCRATCH;
+const TIMEOUT_CHECK: Duration = Duration::from_millis(100);
 
 /// Where the connections go.
 #[derive(Debug, Clone)]
@@ -49,36 +49,62 @@ pub enum Target {
     Unix(PathBuf),
 }
 
+/// Where a loop is in its run. Echo: `Opening`, `WarmingUp`, `Measuring`,
+/// `AwaitingReplies`; hold: `Opening`, `Holding`, `Rechecking`; churn:
+/// `WarmingUp`, `Measuring`, `AwaitingReplies`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Opening connections (echo and hold).
     Opening,
     /// Running, not yet counted.
-    Warmup,
+    WarmingUp,
     /// Counting.
-    Measure,
+    Measuring,
     /// hold: connections open and idle.
-    Hold,
+    Holding,
     /// hold: the round trip after the hold.
-    Recheck,
-    /// No new messages or connections; waiting for what is in flight.
-    Drain,
+    Rechecking,
+    /// No new messages or connections; waiting (up to `--timeout`) for the
+    /// replies still in flight, which are checked too.
+    AwaitingReplies,
+}
+
+/// Messages written together: they share their timestamps, so their
+/// latencies are recorded together too.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// When they were due (open loop) or sent (closed loop): latency
+    /// counts from here.
+    due: Instant,
+    /// When they were handed to the socket: the uncorrected latency
+    /// counts from here (the same as `due` in closed loop).
+    sent: Instant,
+    /// How many of them are still waiting for their echo.
+    count: u32,
 }
 
 struct Conn {
     stream: Stream,
     id: u32,
     connecting: Option<Instant>,
-    /// Bytes not yet written.
-    out: Vec<u8>,
-    written: usize,
-    /// Next message to send, and how many may be sent in all so far.
+    /// Bytes the kernel has not taken yet: made on a short write, dropped
+    /// once written (most connections never have one).
+    unsent: Option<OutQueue>,
+    /// The next message to send.
     next_seq: u32,
     check: Checker,
-    /// When each message in flight was sent (or was due, with `--rate`).
-    inflight: VecDeque<Instant>,
+    /// Messages in flight, oldest first, in the batches they were sent in.
+    inflight: VecDeque<Batch>,
+    /// How many messages `inflight` holds.
+    in_flight: u32,
+    /// Open loop: due times of messages that could not go out yet because
+    /// `--pipeline` messages were already in flight. They go as replies
+    /// free the window, late, and their latency counts from the due time.
+    behind: VecDeque<Instant>,
     /// `WRITABLE` is in the registered interest.
     writable: bool,
+    /// On the ready list already (its read budget ran out).
+    on_ready_list: bool,
 }
 
 /// One loop's share of the work.
@@ -104,7 +130,7 @@ pub struct Worker {
     next_source: usize,
     /// Connections whose read budget ran out while still readable. A
     /// stale key (closed and reused since) just gets a harmless extra read.
-    again: Vec<usize>,
+    ready: ReadyList<usize>,
     /// `--rate`: when each connection's next message is due.
     due: BinaryHeap<Reverse<(Instant, usize)>>,
     phase: Phase,
@@ -115,7 +141,13 @@ pub struct Worker {
     /// When a connection last completed its handshake (or the run began).
     last_open: Instant,
     tally: Tally,
+    /// The one read buffer every connection of the loop reads into.
     scratch: Vec<u8>,
+    /// Messages are built here and written in one call per batch.
+    outgoing: Vec<u8>,
+    /// Every message of `--size` bytes, precomputed.
+    template: Template,
+    live: Option<Live>,
     /// Messages completed, warm-up included (for the progress line).
     completions: u64,
     reported_messages: u64,
@@ -123,14 +155,20 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A loop that will open the connections `ids`.
+    /// A loop that will open the connections `ids` (a `share` of all).
+    /// With `live`, it sends an [`Interval`](super::interval::Interval) every `plan.interval`, tagged
+    /// with its loop number.
     pub fn new(
         plan: Arc<Plan>,
         progress: Arc<Progress>,
         ids: Vec<u32>,
         share: f64,
+        live: Option<(ToCollector, usize)>,
     ) -> io::Result<Worker> {
         let now = Instant::now();
+        let live = live
+            .filter(|_| !plan.interval.is_zero())
+            .map(|(to, loop_id)| Live::new(to, loop_id, progress.started, plan.interval));
         let connect_gap = if plan.connect_rate > 0.0 {
             Duration::from_secs_f64(1.0 / (plan.connect_rate * share))
         } else {
@@ -152,9 +190,9 @@ impl Worker {
             next_connect: now,
             connect_gap,
             due: BinaryHeap::new(),
-            again: Vec::new(),
+            ready: ReadyList::default(),
             phase: if plan.workload == Workload::Churn {
-                Phase::Warmup
+                Phase::WarmingUp
             } else {
                 Phase::Opening
             },
@@ -165,6 +203,9 @@ impl Worker {
             last_open: now,
             tally: Tally::default(),
             scratch: vec![0; SCRATCH],
+            outgoing: Vec::new(),
+            template: Template::new(plan.size),
+            live,
             completions: 0,
             reported_messages: 0,
             reported_opened: 0,
@@ -175,21 +216,19 @@ impl Worker {
 
     /// Runs the workload to the end.
     pub fn run(mut self) -> Tally {
-        if self.phase == Phase::Warmup {
-            self.enter(Phase::Warmup, Instant::now());
+        if self.phase == Phase::WarmingUp {
+            self.enter(Phase::WarmingUp, Instant::now());
         }
         let mut events = Events::with_capacity(1024);
-        let mut last_sweep = Instant::now();
+        let mut last_timeout_check = Instant::now();
         loop {
             let now = Instant::now();
             self.open_more(now);
-            let timeout = self.poll_timeout(now, last_sweep);
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    self.tally
-                        .fail(Failure::Closed, || format!("poll failed: {e}"));
-                    break;
-                }
+            let timeout = self.poll_timeout(now, last_timeout_check);
+            if let Err(e) = attempt(|| self.poll.poll(&mut events, Some(timeout))) {
+                self.tally
+                    .fail(Failure::Closed, || format!("poll failed: {e}"));
+                break;
             }
             for event in events.iter() {
                 let key = event.token().0;
@@ -202,39 +241,54 @@ impl Worker {
                 if self.conns.contains(key)
                     && (event.is_readable() || event.is_read_closed() || event.is_error())
                 {
-                    self.on_readable(key);
+                    // If the peer's FIN is queued behind the data, a short
+                    // read would hide it: its edge was this very event.
+                    let to_end = event.is_read_closed() || event.is_error();
+                    self.on_readable(key, to_end);
                 }
             }
-            for key in std::mem::take(&mut self.again) {
-                if self.conns.contains(key) {
-                    self.on_readable(key);
+            let batch = self.ready.begin_turn();
+            for &key in &batch {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.on_ready_list = false;
+                    // No fresh edge stands behind a ready-list entry, so a
+                    // short read proves nothing: read until WouldBlock.
+                    self.on_readable(key, true);
                 }
             }
+            self.ready.end_turn(batch);
             let now = Instant::now();
             self.send_due(now);
-            if now.duration_since(last_sweep) >= SWEEP {
-                self.sweep(now);
-                last_sweep = now;
+            if now.duration_since(last_timeout_check) >= TIMEOUT_CHECK {
+                self.check_timeouts(now);
+                last_timeout_check = now;
             }
             self.report_progress();
+            if self.live.as_ref().is_some_and(|l| now >= l.next) {
+                self.close_interval(now, false);
+            }
             if self.advance(now) {
                 break;
             }
         }
         self.report_progress();
+        self.close_interval(Instant::now(), true);
         for mut c in self.conns.drain() {
             let _ = self.poll.registry().deregister(&mut c.stream);
         }
         self.tally
     }
 
-    fn poll_timeout(&self, now: Instant, last_sweep: Instant) -> Duration {
-        if !self.again.is_empty() {
+    fn poll_timeout(&self, now: Instant, last_timeout_check: Instant) -> Duration {
+        if !self.ready.is_empty() {
             return Duration::ZERO;
         }
-        let mut at = last_sweep + SWEEP;
+        let mut at = last_timeout_check + TIMEOUT_CHECK;
         if let Some(end) = self.phase_end {
             at = at.min(end);
+        }
+        if let Some(live) = &self.live {
+            at = at.min(live.next);
         }
         if let Some(Reverse((due, _))) = self.due.peek() {
             // epoll_wait counts in milliseconds (mio rounds up), so a
@@ -258,8 +312,20 @@ impl Worker {
             .fetch_add(self.completions - self.reported_messages, Ordering::Relaxed);
         p.opened
             .fetch_add(self.tally.opened - self.reported_opened, Ordering::Relaxed);
+        if let Some(live) = &mut self.live {
+            live.current.opened += self.tally.opened - self.reported_opened;
+        }
         self.reported_messages = self.completions;
         self.reported_opened = self.tally.opened;
+    }
+
+    /// Sends the interval that ends now (`last`: the loop is done).
+    fn close_interval(&mut self, now: Instant, last: bool) {
+        let open = (self.conns.len() - self.connecting) as u64;
+        let errors = self.tally.total_errors();
+        if let Some(live) = &mut self.live {
+            live.close(now, open, errors, last);
+        }
     }
 
     // ----- phases ----------------------------------------------------------
@@ -269,24 +335,24 @@ impl Worker {
         self.phase = phase;
         self.phase_end = match phase {
             Phase::Opening => None,
-            Phase::Warmup => Some(now + plan.warmup),
-            Phase::Measure => {
+            Phase::WarmingUp => Some(now + plan.warmup),
+            Phase::Measuring => {
                 self.measure_start = now;
                 self.tally.reset_measurement();
                 self.progress.measuring.store(true, Ordering::Relaxed);
                 Some(now + plan.duration)
             }
-            Phase::Hold => Some(now + plan.duration),
-            Phase::Recheck | Phase::Drain => Some(now + plan.timeout),
+            Phase::Holding => Some(now + plan.duration),
+            Phase::Rechecking | Phase::AwaitingReplies => Some(now + plan.timeout),
         };
-        if phase == Phase::Drain && self.plan.workload != Workload::Hold {
+        if phase == Phase::AwaitingReplies && self.plan.workload != Workload::Hold {
             self.tally.measured_secs = now.duration_since(self.measure_start).as_secs_f64();
             self.due.clear();
         }
-        if phase == Phase::Recheck {
+        if phase == Phase::Rechecking {
             let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
             for key in keys {
-                self.send(key, 1, now);
+                self.send(key, 1, now, now);
             }
         }
     }
@@ -318,25 +384,27 @@ impl Worker {
         let timed_out = self.phase_end.is_some_and(|end| now >= end);
         // A scan of every connection: only asked for in the phases that
         // wait for everything in flight, never while measuring.
-        let quiet = || {
+        let nothing_in_flight = || {
             self.conns
                 .iter()
                 .all(|(_, c)| c.inflight.is_empty() && c.connecting.is_none())
         };
         let opened_all = (self.to_open.is_empty() || self.stop_opening) && self.connecting == 0;
         match (self.plan.workload, self.phase) {
-            (Workload::Echo, Phase::Opening) if opened_all => self.enter(Phase::Warmup, now),
-            (Workload::Hold, Phase::Opening) if opened_all && quiet() => {
+            (Workload::Echo, Phase::Opening) if opened_all => self.enter(Phase::WarmingUp, now),
+            (Workload::Hold, Phase::Opening) if opened_all && nothing_in_flight() => {
                 self.tally.open_secs = now.duration_since(self.started).as_secs_f64();
-                self.enter(Phase::Hold, now);
+                self.enter(Phase::Holding, now);
             }
-            (_, Phase::Warmup) if timed_out => self.enter(Phase::Measure, now),
-            (_, Phase::Measure) if timed_out => self.enter(Phase::Drain, now),
-            (_, Phase::Hold) if timed_out => self.enter(Phase::Recheck, now),
-            (_, Phase::Recheck) | (_, Phase::Drain) if timed_out || quiet() => {
+            (_, Phase::WarmingUp) if timed_out => self.enter(Phase::Measuring, now),
+            (_, Phase::Measuring) if timed_out => self.enter(Phase::AwaitingReplies, now),
+            (_, Phase::Holding) if timed_out => self.enter(Phase::Rechecking, now),
+            (_, Phase::Rechecking) | (_, Phase::AwaitingReplies)
+                if timed_out || nothing_in_flight() =>
+            {
                 // Whatever is still in flight when the time is up is late.
-                self.time_out_everything();
-                if self.phase == Phase::Recheck {
+                self.time_out_in_flight();
+                if self.phase == Phase::Rechecking {
                     self.tally.survived =
                         self.conns.iter().filter(|(_, c)| c.check.seq == 2).count() as u64;
                 }
@@ -344,16 +412,19 @@ impl Worker {
             }
             _ => {}
         }
-        if self.conns.is_empty() && opened_all && self.phase == Phase::Hold {
+        if self.conns.is_empty() && opened_all && self.phase == Phase::Holding {
             // Nothing left to hold.
-            self.enter(Phase::Recheck, now);
+            self.enter(Phase::Rechecking, now);
         }
         false
     }
 
     fn sending(&self) -> bool {
         match self.plan.workload {
-            Workload::Echo => matches!(self.phase, Phase::Opening | Phase::Warmup | Phase::Measure),
+            Workload::Echo => matches!(
+                self.phase,
+                Phase::Opening | Phase::WarmingUp | Phase::Measuring
+            ),
             _ => true,
         }
     }
@@ -363,7 +434,7 @@ impl Worker {
             return false;
         }
         match self.plan.workload {
-            Workload::Churn => matches!(self.phase, Phase::Warmup | Phase::Measure),
+            Workload::Churn => matches!(self.phase, Phase::WarmingUp | Phase::Measuring),
             _ => self.phase == Phase::Opening,
         }
     }

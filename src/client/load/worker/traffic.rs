@@ -1,22 +1,73 @@
-//! Traffic on open connections: queue and write messages, read and check
+//! Traffic on open connections: build and write messages, read and check
 //! replies, time out what is late.
+//!
+//! What one message costs is what the load tool adds to every figure it
+//! measures, so the hot path is kept to the system calls the exchange
+//! needs: one `write` per batch of messages (a pipeline's worth, or every
+//! message a read completed), one `read` per readable event (a read that
+//! fills less than the buffer has drained the socket), one clock read per
+//! event that completed anything, one histogram update per batch, and two
+//! slice comparisons per message to check it.
 
 use super::*;
 
 impl Worker {
-    /// Queues `count` more messages on `key` and writes what it can.
-    pub(super) fn send(&mut self, key: usize, count: u32, stamp: Instant) {
-        let size = self.plan.size;
+    /// Queues `count` more messages on `key`, due at `due` (their latency
+    /// counts from there), and writes them with one call if nothing is
+    /// waiting before them.
+    pub(super) fn send(&mut self, key: usize, count: u32, due: Instant, now: Instant) {
         let conn = &mut self.conns[key];
+        self.outgoing.clear();
         for _ in 0..count {
-            message::append(&mut conn.out, conn.id, conn.next_seq, size);
+            self.template
+                .append(&mut self.outgoing, conn.id, conn.next_seq);
             conn.next_seq = conn.next_seq.wrapping_add(1);
-            conn.inflight.push_back(stamp);
         }
-        self.flush(key);
+        conn.in_flight += count;
+        match conn.inflight.back_mut() {
+            // Sent at the same moment as the batch before: one batch.
+            Some(b) if b.due == due && b.sent == now => b.count += count,
+            _ => conn.inflight.push_back(Batch {
+                due,
+                sent: now,
+                count,
+            }),
+        }
+        if let Some(queue) = &mut conn.unsent {
+            // Bytes are waiting already; these go behind them. The queue
+            // is bounded by what may be in flight: `--pipeline` messages
+            // in closed loop, and in open loop what `--timeout` lets pile
+            // up before the connection is counted as timed out.
+            let _ = queue.push(&self.outgoing);
+            return self.flush(key);
+        }
+        let stream = &conn.stream;
+        let bytes = &self.outgoing;
+        match crate::net::io::write_until_blocked(bytes.len(), |from| {
+            (&mut &*stream).write(&bytes[from..])
+        }) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(n) => {
+                // A short write: keep the rest and ask for WRITABLE.
+                let mut queue = OutQueue::new(usize::MAX);
+                let _ = queue.push(&bytes[n..]);
+                conn.unsent = Some(queue);
+                self.want_writable(key, true);
+            }
+            Err(e) => {
+                let id = conn.id;
+                self.close_failed(
+                    key,
+                    Failure::Closed,
+                    format!("connection {id}: write failed: {e}"),
+                );
+            }
+        }
     }
 
-    /// `--rate`: sends every message that has come due.
+    /// `--rate`: sends every message that has come due, or with
+    /// `--pipeline` messages in flight already, keeps it for later (as wrk2
+    /// does with its one request per connection).
     pub(super) fn send_due(&mut self, now: Instant) {
         if self.plan.rate <= 0.0 {
             return;
@@ -27,52 +78,64 @@ impl Worker {
                 return;
             }
             self.due.pop();
-            if self.conns.contains(key) && self.conns[key].connecting.is_none() {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.connecting.is_none() {
                 // Latency counts from when the message was due, not when
                 // it went out: a client that falls behind its schedule
-                // must not hide the delay (coordinated omission).
-                self.send(key, 1, due);
+                // must not hide the delay (coordinated omission). The
+                // uncorrected latency counts from `now`, the actual send.
+                if conn.in_flight < self.plan.pipeline {
+                    self.send(key, 1, due, now);
+                } else {
+                    conn.behind.push_back(due);
+                }
                 self.due.push(Reverse((due + period, key)));
             }
         }
     }
 
+    /// Writes what waits in `key`'s queue; drops the queue and `WRITABLE`
+    /// interest once it is empty.
     pub(super) fn flush(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        while conn.written < conn.out.len() {
-            match (&conn.stream).write(&conn.out[conn.written..]) {
-                Ok(n) => conn.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !conn.writable {
-                        conn.writable = true;
-                        let _ = self.poll.registry().reregister(
-                            &mut conn.stream,
-                            Token(key),
-                            Interest::READABLE | Interest::WRITABLE,
-                        );
-                    }
-                    return;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let id = conn.id;
-                    return self.lose(
-                        key,
-                        Failure::Closed,
-                        format!("connection {id}: write failed: {e}"),
-                    );
-                }
-            }
+        let Some(queue) = &mut conn.unsent else {
+            return;
+        };
+        if let Err(e) = queue.write_to(&mut &conn.stream, usize::MAX) {
+            let id = conn.id;
+            return self.close_failed(
+                key,
+                Failure::Closed,
+                format!("connection {id}: write failed: {e}"),
+            );
         }
-        conn.out.clear();
-        conn.written = 0;
-        if conn.writable {
-            conn.writable = false;
-            let _ =
-                self.poll
-                    .registry()
-                    .reregister(&mut conn.stream, Token(key), Interest::READABLE);
+        if queue.is_empty() {
+            conn.unsent = None;
+            self.want_writable(key, false);
+        } else {
+            self.want_writable(key, true);
         }
+    }
+
+    /// Adds or drops `WRITABLE` interest: wanted only while bytes wait, or
+    /// every writable edge would wake the loop for nothing.
+    fn want_writable(&mut self, key: usize, want: bool) {
+        let conn = &mut self.conns[key];
+        if conn.writable == want {
+            return;
+        }
+        conn.writable = want;
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let _ = self
+            .poll
+            .registry()
+            .reregister(&mut conn.stream, Token(key), interest);
     }
 
     pub(super) fn on_writable(&mut self, key: usize) {
@@ -92,7 +155,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 Err(e) => {
                     self.connecting -= 1;
-                    self.drop_conn(key);
+                    self.close_conn(key);
                     self.connect_failed(id, e);
                 }
             }
@@ -101,95 +164,146 @@ impl Worker {
         self.flush(key);
     }
 
-    pub(super) fn on_readable(&mut self, key: usize) {
+    /// Reads and checks what arrived on `key`. With `to_end` false a read
+    /// that fills less than the buffer ends it: the socket is empty, and
+    /// anything arriving later raises a new edge (this saves the read that
+    /// would only say `WouldBlock`). With `to_end`, reads go on until
+    /// `WouldBlock` or EOF.
+    pub(super) fn on_readable(&mut self, key: usize, to_end: bool) {
         if self.conns[key].connecting.is_some() {
             // A refused connect reports readable too; the writable side
             // (checked first) has already dealt with it.
             return;
         }
         let mut budget = READ_BUDGET;
+        let mut completed = 0;
         loop {
             if budget == 0 {
-                self.again.push(key);
-                return;
+                // Still readable, but the others get a turn first; no new
+                // edge will come for what is left, so the ready list it is.
+                let conn = &mut self.conns[key];
+                if !conn.on_ready_list {
+                    conn.on_ready_list = true;
+                    self.ready.push(key);
+                }
+                break;
             }
             let conn = &mut self.conns[key];
-            let n = match (&conn.stream).read(&mut self.scratch) {
-                Ok(0) => {
+            let n = match attempt(|| (&conn.stream).read(&mut self.scratch)) {
+                Ok(Some(0)) => {
                     let id = conn.id;
-                    return self.lose(
+                    return self.close_failed(
                         key,
                         Failure::Closed,
                         format!("connection {id}: closed by the server"),
                     );
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Some(n)) => n,
+                // Drained: wait for the next edge (also what a spurious
+                // wake-up looks like).
+                Ok(None) => break,
                 Err(e) => {
                     let id = conn.id;
-                    return self.lose(key, Failure::Closed, format!("connection {id}: {e}"));
+                    return self.close_failed(
+                        key,
+                        Failure::Closed,
+                        format!("connection {id}: {e}"),
+                    );
                 }
             };
             budget = budget.saturating_sub(n);
             let id = conn.id;
-            let completed = match conn.check.feed(id, self.plan.size, &self.scratch[..n]) {
-                Ok(c) => c,
-                Err(m) => return self.lose(key, Failure::Mismatch, m.to_string()),
-            };
+            match conn.check.feed(&self.template, id, &self.scratch[..n]) {
+                Ok(c) => completed += c,
+                Err(m) => return self.close_failed(key, Failure::Mismatch, m.to_string()),
+            }
             let sent = conn.next_seq;
             if conn.check.seq.wrapping_sub(sent) as i32 > 0
                 || (conn.check.seq == sent && conn.check.offset > 0)
             {
-                return self.lose(
+                return self.close_failed(
                     key,
                     Failure::Mismatch,
                     format!("connection {id}: received bytes that were never sent"),
                 );
             }
-            if completed > 0 {
-                self.completed(key, completed);
-                if !self.conns.contains(key) {
-                    return;
-                }
+            if n < self.scratch.len() && !to_end {
+                break;
             }
+        }
+        if completed > 0 {
+            // One clock read for everything this event completed.
+            self.completed(key, completed, Instant::now());
         }
     }
 
-    /// `n` messages on `key` came back whole and correct.
-    pub(super) fn completed(&mut self, key: usize, n: u32) {
-        let now = Instant::now();
+    /// `n` messages on `key` came back whole and correct at `now`.
+    pub(super) fn completed(&mut self, key: usize, n: u32, now: Instant) {
         let counting = match self.plan.workload {
             Workload::Hold => true,
-            _ => self.phase == Phase::Measure,
+            _ => self.phase == Phase::Measuring,
         };
+        let open_loop = self.plan.rate > 0.0;
         self.completions += u64::from(n);
         let conn = &mut self.conns[key];
-        for _ in 0..n {
-            let sent = conn
+        let mut left = n;
+        while left > 0 {
+            let batch = conn
                 .inflight
-                .pop_front()
+                .front_mut()
                 .expect("checked: never more than sent");
+            let take = batch.count.min(left);
+            let latency = now.saturating_duration_since(batch.due);
+            let uncorrected = now.saturating_duration_since(batch.sent);
+            let k = u64::from(take);
             if counting {
-                record(&mut self.tally.latency, now.saturating_duration_since(sent));
-                self.tally.messages += 1;
-                self.tally.bytes += self.plan.size as u64;
+                record_n(&mut self.tally.latency, latency, k);
+                if open_loop {
+                    record_n(&mut self.tally.latency_uncorrected, uncorrected, k);
+                }
+                self.tally.messages += k;
+                self.tally.bytes += k * self.plan.size as u64;
             }
+            if let Some(live) = &mut self.live {
+                live.current.messages += k;
+                record_n(&mut live.current.latency, latency, k);
+                if open_loop {
+                    record_n(&mut live.current.uncorrected, uncorrected, k);
+                }
+            }
+            batch.count -= take;
+            if batch.count == 0 {
+                conn.inflight.pop_front();
+            }
+            left -= take;
         }
+        conn.in_flight -= n;
         match self.plan.workload {
-            Workload::Echo if self.plan.rate <= 0.0 && self.sending() => self.send(key, n, now),
+            Workload::Echo if !open_loop && self.sending() => self.send(key, n, now, now),
+            Workload::Echo if open_loop && self.sending() => {
+                // Messages that came due while the window was full go now.
+                while let Some(conn) = self.conns.get_mut(key) {
+                    if conn.in_flight >= self.plan.pipeline {
+                        break;
+                    }
+                    let Some(due) = conn.behind.pop_front() else {
+                        break;
+                    };
+                    self.send(key, 1, due, now);
+                }
+            }
             Workload::Churn => {
                 if counting {
                     self.tally.cycles += 1;
                 }
-                self.drop_conn(key);
+                self.close_conn(key);
             }
             _ => {}
         }
     }
 
     /// Checks the connects and replies in progress against `--timeout`.
-    pub(super) fn sweep(&mut self, now: Instant) {
+    pub(super) fn check_timeouts(&mut self, now: Instant) {
         let limit = self.plan.timeout;
         let mut stalled = false;
         let late: Vec<(usize, bool)> = self
@@ -200,7 +314,7 @@ impl Worker {
                     stalled |= self.last_open <= t;
                     Some((k, true))
                 }
-                (None, Some(&t)) if now.saturating_duration_since(t) > limit => Some((k, false)),
+                (None, Some(b)) if now.saturating_duration_since(b.due) > limit => Some((k, false)),
                 _ => None,
             })
             .collect();
@@ -212,7 +326,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn time_out_everything(&mut self) {
+    pub(super) fn time_out_in_flight(&mut self) {
         let late: Vec<(usize, bool)> = self
             .conns
             .iter()
@@ -229,12 +343,12 @@ impl Worker {
         let secs = self.plan.timeout.as_secs_f64();
         if connecting {
             self.connecting -= 1;
-            self.drop_conn(key);
+            self.close_conn(key);
             self.tally.fail(Failure::Timeout, || {
                 format!("connection {id}: connect took over {secs} s")
             });
         } else {
-            self.lose(
+            self.close_failed(
                 key,
                 Failure::Timeout,
                 format!("connection {id}: no reply within {secs} s"),
@@ -243,12 +357,13 @@ impl Worker {
     }
 
     /// Counts a failure on an open connection and closes it.
-    pub(super) fn lose(&mut self, key: usize, kind: Failure, what: String) {
-        self.drop_conn(key);
+    pub(super) fn close_failed(&mut self, key: usize, kind: Failure, what: String) {
+        self.close_conn(key);
         self.tally.fail(kind, || what);
     }
 
-    pub(super) fn drop_conn(&mut self, key: usize) {
+    /// Closes connection `key` (churn's normal end, or after a failure).
+    pub(super) fn close_conn(&mut self, key: usize) {
         let mut conn = self.conns.remove(key);
         // Deregister before the socket closes with the drop.
         let _ = self.poll.registry().deregister(&mut conn.stream);

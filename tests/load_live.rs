@@ -1,0 +1,364 @@
+//! `reactor load`'s live side: progress intervals, the HDR log, corrected
+//! and uncorrected latency, the search for the highest rate, and the chat
+//! workload; against the real server and against test servers (plain std
+//! threads) that stall, cap their rate or drop a line on purpose.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Runs `reactor load ARGS --json` and returns exit code, report, stderr.
+fn load_full(args: &[&str]) -> (Option<i32>, Value, String) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = load(&all);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\nstderr: {stderr}"));
+    (out.status.code(), v, stderr)
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Serves each connection on its own thread with `serve`.
+fn test_server(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let serve = serve.clone();
+            s.set_nodelay(true).unwrap();
+            thread::spawn(move || serve(s));
+        }
+    });
+    addr
+}
+
+#[test]
+fn intervals_cover_the_run_in_order_and_match_the_lines() {
+    let server = Server::start(&["--log-level", "warn"]);
+    let addr = server.addr.to_string();
+    let (code, v, stderr) = load_full(&[
+        &addr,
+        "-c",
+        "4",
+        "-d",
+        "1.5",
+        "--warmup",
+        "0.5",
+        "--interval",
+        "0.5",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    let rows = v["intervals"].as_array().unwrap();
+    // 2 s of running in 0.5 s intervals, plus the short last one while the
+    // last replies come back (a loop stalled past a boundary skips it, so
+    // a busy machine may show one fewer).
+    assert!((3..=7).contains(&rows.len()), "{} intervals", rows.len());
+    let t: Vec<f64> = rows.iter().map(|r| f(&r["t"])).collect();
+    assert!(t.windows(2).all(|w| w[0] < w[1]), "{t:?}");
+    assert!(t[0] >= 0.45 && *t.last().unwrap() >= 1.95, "{t:?}");
+    for r in rows {
+        assert_eq!(r["connections_open"], 4, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(f(&r["msgs_per_sec"]) > 0.0, "{r}");
+        assert!(
+            f(&r["latency_us"]["p99"]) >= f(&r["latency_us"]["p50"]),
+            "{r}"
+        );
+    }
+    // One stderr line per interval.
+    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
+    assert_eq!(lines, rows.len(), "{stderr}");
+    // Every message of the run is in some interval; the measured window is
+    // a part of the run.
+    let total: u64 = rows.iter().map(|r| r["messages"].as_u64().unwrap()).sum();
+    assert!(total >= v["messages"].as_u64().unwrap(), "{total} vs {v}");
+}
+
+#[test]
+fn no_interval_means_no_lines() {
+    let server = Server::start(&["--log-level", "warn"]);
+    let addr = server.addr.to_string();
+    let (code, v, stderr) = load_full(&[&addr, "-c", "2", "-d", "0.5", "--interval", "0"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["intervals"].as_array().unwrap().len(), 0);
+    assert!(!stderr.contains("msgs/s"), "{stderr}");
+}
+
+#[test]
+fn the_hdr_log_reads_back_with_every_message() {
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    use hdrhistogram::serialization::Deserializer;
+
+    let server = Server::start(&["--log-level", "warn"]);
+    let addr = server.addr.to_string();
+    let dir = std::env::temp_dir().join(format!("reactor-hdr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run.hlog");
+    let (code, v, _) = load_full(&[
+        &addr,
+        "-c",
+        "4",
+        "--rate",
+        "200",
+        "-d",
+        "1",
+        "--warmup",
+        "0",
+        "--interval",
+        "0.25",
+        "--hdr-log",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    let text = std::fs::read(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (mut corrected, mut uncorrected, mut histograms) = (0, 0, 0);
+    let mut d = Deserializer::new();
+    for entry in IntervalLogIterator::new(&text) {
+        let LogEntry::Interval(ilh) = entry.expect("a well-formed log") else {
+            continue;
+        };
+        let bytes = base64_decode(ilh.encoded_histogram());
+        let h: hdrhistogram::Histogram<u64> = d.deserialize(&mut &bytes[..]).unwrap();
+        match ilh.tag().map(|t| t.as_str()) {
+            None => {
+                corrected += h.len();
+                histograms += 1;
+            }
+            Some("uncorrected") => uncorrected += h.len(),
+            Some(other) => panic!("unexpected tag {other}"),
+        }
+    }
+    let rows = v["intervals"].as_array().unwrap();
+    let total: u64 = rows.iter().map(|r| r["messages"].as_u64().unwrap()).sum();
+    assert_eq!(histograms, rows.len());
+    assert!(total > 0);
+    assert_eq!(corrected, total);
+    assert_eq!(uncorrected, total);
+}
+
+/// Standard base64, as the log encodes its histograms.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let digits: Vec<u8> = s.bytes().filter(|&c| c != b'=').map(value).collect();
+    let mut out = Vec::new();
+    for chunk in digits.chunks(4) {
+        let mut n = 0u32;
+        for (i, &d) in chunk.iter().enumerate() {
+            n |= u32::from(d) << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+#[test]
+fn a_stall_shows_in_corrected_latency_more_than_in_uncorrected() {
+    // Echoes, but once, 40 messages in, stops for 200 ms.
+    let stalled = Arc::new(AtomicBool::new(false));
+    let addr = test_server(move |mut s| {
+        let mut buf = [0; 64];
+        let mut n = 0;
+        while s.read_exact(&mut buf).is_ok() {
+            n += 1;
+            if n == 40 && !stalled.swap(true, Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(200));
+            }
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+    let (code, v, _) = load_full(&[
+        &addr.to_string(),
+        "-c",
+        "1",
+        "--rate",
+        "100",
+        "-d",
+        "2",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    let (c, u) = (&v["latency_us"], &v["latency_uncorrected_us"]);
+    for q in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(f(&c[q]) >= f(&u[q]), "{q}: corrected {c} uncorrected {u}");
+    }
+    // About 20 messages came due during the stall and went out late: their
+    // corrected latency counts the wait, the uncorrected one does not.
+    assert!(f(&c["p99"]) > 100_000.0, "corrected {c}");
+    // Of those, only the one in flight during the stall waited for real.
+    assert!(
+        f(&u["p99"]) < f(&c["p99"]) / 2.0,
+        "uncorrected {u}, corrected {c}"
+    );
+}
+
+/// Echoes 64-byte messages, at most `per_sec` a second over all connections.
+fn capped_echo(per_sec: f64) -> SocketAddr {
+    let next = Arc::new(Mutex::new(Instant::now()));
+    let gap = Duration::from_secs_f64(1.0 / per_sec);
+    test_server(move |mut s| {
+        let mut buf = [0; 64];
+        while s.read_exact(&mut buf).is_ok() {
+            let at = {
+                let mut next = next.lock().unwrap();
+                let at = (*next).max(Instant::now());
+                *next = at + gap;
+                at
+            };
+            thread::sleep(at.saturating_duration_since(Instant::now()));
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn find_max_rate_converges_on_the_servers_capacity() {
+    let capacity = 2000.0;
+    let addr = capped_echo(capacity);
+    let (code, v, stderr) = load_full(&[
+        &addr.to_string(),
+        "--find-max-rate",
+        "50",
+        "-c",
+        "8",
+        // The window must not be the limit: the server's cap is.
+        "--pipeline",
+        "16",
+        "--rate",
+        "25",
+        "-d",
+        "0.6",
+        "--warmup",
+        "0.2",
+        "--timeout",
+        "5",
+    ]);
+    assert_eq!(code, Some(0), "{v}\n{stderr}");
+    let max = f(&v["max_rate"]);
+    assert!(
+        (0.5 * capacity..=1.1 * capacity).contains(&max),
+        "max rate {max}\n{stderr}"
+    );
+    let steps = v["steps"].as_array().unwrap();
+    // It went too far, failed, and came back.
+    assert!(steps.iter().any(|s| s["pass"] == false), "{stderr}");
+    let lines = stderr.lines().filter(|l| l.starts_with("step")).count();
+    assert_eq!(lines, steps.len(), "{stderr}");
+}
+
+#[test]
+fn chat_delivers_every_line_to_every_other_client() {
+    let server = Server::start(&["--mode", "chat", "--log-level", "warn"]);
+    let addr = server.addr.to_string();
+    let (code, v, stderr) = load_full(&[
+        &addr,
+        "--workload",
+        "chat",
+        "-c",
+        "5",
+        "--rate",
+        "20",
+        "-d",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_eq!(code, Some(0), "{v}\n{stderr}");
+    assert_eq!(v["workload"], "chat");
+    assert_eq!(v["errors"]["total"], 0, "{v}");
+    let sent = v["lines_sent"].as_u64().unwrap();
+    assert!(sent >= 5 * 20, "{sent} lines sent");
+    // Every line reached the four other clients: no more, no less.
+    assert_eq!(v["deliveries"].as_u64().unwrap(), 4 * sent, "{v}");
+    assert!(f(&v["deliveries_per_sec"]) > 0.0);
+    assert!(f(&v["latency_us"]["p50"]) > 0.0);
+}
+
+/// A chat relay (welcome, `NAME: TEXT` to every other client) that drops
+/// the line whose text starts with `drop` on its way to one receiver.
+fn lossy_chat(drop: &'static str) -> SocketAddr {
+    let clients: Arc<Mutex<Vec<(usize, TcpStream)>>> = Arc::default();
+    let count = Arc::new(Mutex::new(0));
+    let dropped = Arc::new(AtomicBool::new(false));
+    test_server(move |s| {
+        let me = {
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        {
+            let mut all = clients.lock().unwrap();
+            let mut w = s.try_clone().unwrap();
+            w.write_all(format!("* welcome guest-{me}\n").as_bytes())
+                .unwrap();
+            for (_, other) in all.iter_mut() {
+                let _ = other.write_all(format!("* guest-{me} joined\n").as_bytes());
+            }
+            all.push((me, w));
+        }
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            let mut all = clients.lock().unwrap();
+            for (id, other) in all.iter_mut() {
+                if *id == me {
+                    continue;
+                }
+                if line.starts_with(drop) && !dropped.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                let _ = other.write_all(format!("guest-{me}: {line}\n").as_bytes());
+            }
+        }
+    })
+}
+
+#[test]
+fn a_dropped_chat_line_fails_the_run_naming_sender_and_sequence() {
+    let addr = lossy_chat("1 2 ");
+    let (code, v, stderr) = load_full(&[
+        &addr.to_string(),
+        "--workload",
+        "chat",
+        "-c",
+        "3",
+        "--rate",
+        "20",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0",
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(code, Some(1), "{v}\n{stderr}");
+    assert_eq!(v["errors"]["lost"], 1, "{v}");
+    let what = v["failures"].to_string();
+    assert!(what.contains("sender 1 sequence 2 lost"), "{what}");
+}
