@@ -7,8 +7,9 @@ use std::net::Shutdown;
 
 use mio::Token;
 
-use super::{EventLoop, ReadUntil, Readiness, READ_BUDGET, WRITE_BUDGET};
+use super::{EventLoop, ReadUntil, Readiness};
 use crate::net::io::attempt;
+use crate::net::ready::{READ_BUDGET, WRITE_BUDGET};
 use crate::protocol::Protocol;
 use crate::server::connection::{Action, CloseReason, GoneOutbox};
 use crate::server::token::{connection_token, TokenName};

@@ -24,7 +24,8 @@
 //! change, and no new event comes until the socket has been read to
 //! `WouldBlock`. Every read loop here goes that far, with two exceptions
 //! that the code states where they apply:
-//! - a budget ([`READ_BUDGET`], [`ACCEPT_BUDGET`]): a socket that still
+//! - a budget ([`crate::net::ready::READ_BUDGET`], [`ACCEPT_BUDGET`]; the shared read buffer
+//!   and the byte budgets are [`crate::net::ready`]'s): a socket that still
 //!   has bytes when its budget is spent goes on the ready list
 //!   ([`crate::net::ready`]) and is read again next turn, so one fast
 //!   client cannot starve the others;
@@ -53,7 +54,7 @@ use super::token::{
 };
 use super::udp::{Next, UdpEcho};
 use super::{Config, ServeError};
-use crate::net::ready::ReadyList;
+use crate::net::ready::{ReadyList, SCRATCH};
 use crate::protocol::Protocol;
 
 mod accept;
@@ -62,14 +63,6 @@ mod connections;
 mod shutdown;
 mod timers;
 
-/// Size of the one read buffer all connections share. An idle connection
-/// owns no read buffer at all: it reads here, and the bytes are handed on
-/// (echoed, or split into lines) before the next connection reads.
-const SCRATCH: usize = 64 * 1024;
-/// Most bytes read from one connection per event before others get a turn.
-const READ_BUDGET: usize = 4 * SCRATCH;
-/// Most bytes written to one connection per event.
-const WRITE_BUDGET: usize = 4 * SCRATCH;
 /// Most connections accepted per wake-up before clients get a turn.
 const ACCEPT_BUDGET: usize = 256;
 /// Events fetched per `poll` call.
