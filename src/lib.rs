@@ -3,19 +3,29 @@
 //!
 //! # Module map, in reading order
 //!
-//! 1. [`protocol`]: what the server says. Echo and chat behind one small
+//! Imports only run down this list's layers: [`cli`] uses [`server`] and
+//! [`client`]; those use [`protocol`], [`buffer`] and [`net`]; the client
+//! tools never import the server. `docs/ARCHITECTURE.md` walks the files.
+//!
+//! 1. [`net`]: socket plumbing under everything: one stream type for TCP
+//!    and Unix ([`net::stream`]), the `WouldBlock`/`Interrupted` rules
+//!    written once ([`net::io`]), the ready list ([`net::ready`]), the
+//!    open-file limit ([`net::limits`]).
+//! 2. [`protocol`]: what the server says. Echo and chat behind one small
 //!    trait; bytes in, replies and broadcasts out, no sockets.
 //!    [`protocol::lines`] splits a stream into bounded lines.
-//! 2. [`buffer`]: the bounded output queue a connection keeps only while
+//! 3. [`buffer`]: the bounded output queue a connection keeps only while
 //!    the kernel cannot take more.
-//! 3. [`server`]: configuration and binding; then
-//!    - [`server::connection`]: one client's state and its interest;
-//!    - [`server::event_loop`]: the reactor itself, one `mio::Poll`;
-//!    - [`server::timer`], [`server::stats`], [`server::udp`],
-//!      [`server::stream`], [`server::listen`]: its helpers;
-//!    - [`server::threads`]: one thread per client, for comparison.
-//! 4. [`client`]: `reactor connect` and `reactor load`.
-//! 5. [`cli`]: the command line, shared by the binary and the tests.
+//! 4. [`server`]: configuration, binding, the engines, and [`server::Server`]
+//!    to run the reactor in-process. Inside (private, read the source):
+//!    `token` (which token is which socket), `connection` (one client's
+//!    state machine, `state.rs`, and its writes), `event_loop` (the reactor
+//!    itself, one `mio::Poll`, split by idea: accept, connections,
+//!    broadcast, timers, shutdown), `timer`, `udp`, `listen`, and
+//!    `threads` (one thread per client, for comparison).
+//! 5. [`client`]: `reactor connect` and `reactor load`.
+//! 6. [`cli`]: every clap definition, turned into the plain configurations
+//!    above; shared by the binary and its tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
