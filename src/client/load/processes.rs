@@ -153,7 +153,10 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
     let bar = terminal.then(indicatif::ProgressBar::new_spinner);
     let started = Instant::now();
     let (mut last_open, mut last_msgs, mut last_at) = (0u64, 0u64, Instant::now());
-    let mut next_line = Instant::now() + Duration::from_secs(1);
+    // `--interval` paces the plain lines (0: none); a terminal gets the
+    // live line either way.
+    let every = args.plan.interval;
+    let mut next_line = Instant::now() + every;
     let mut released = false;
     loop {
         let alive: Vec<bool> = children
@@ -182,7 +185,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
         let open: u64 = opened.iter().map(|a| a.load(Ordering::Relaxed)).sum();
         let msgs: u64 = messages.iter().map(|a| a.load(Ordering::Relaxed)).sum();
         let now = Instant::now();
-        if bar.is_none() && now < next_line {
+        if bar.is_none() && (every.is_zero() || now < next_line) {
             continue;
         }
         let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
@@ -201,7 +204,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
             }
             None => {
                 eprintln!("reactor load: {line}");
-                next_line = now + Duration::from_secs(1);
+                next_line = now + every;
             }
         }
     }
