@@ -111,3 +111,48 @@ fn merge_refuses_a_file_that_is_not_a_report() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tally"));
 }
+
+#[test]
+fn a_child_load_process_holds_until_its_parent_says_go() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let server = Server::start(&["--log-level", "warn"]);
+    let addr = server.addr.to_string();
+    let mut child = Command::new(bin())
+        .args(["load", &addr, "--workload", "hold", "-c", "20", "-d", "0.2"])
+        .args([
+            "--processes",
+            "2",
+            "--process-index",
+            "0",
+            "--interval",
+            "0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> Value { serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap() };
+    // Its ten connections open and answer; then it says it is ready.
+    while next()["progress"]["ready"] != true {}
+    // The hold is 0.2 s, but without `go` it has not begun: the child
+    // keeps reporting, holding everything open.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "held and ended without go"
+    );
+    stdin.write_all(b"go\n").unwrap();
+    let result = loop {
+        let v = next();
+        if let Some(r) = v.get("result") {
+            break r.clone();
+        }
+    };
+    assert_eq!(result["opened"], 10);
+    assert_eq!(result["survived"], 10);
+    assert!(child.wait().unwrap().success());
+}
