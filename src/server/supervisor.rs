@@ -14,7 +14,7 @@
 //! spreads new connections over the listening sockets by a hash of each
 //! connection's addresses and ports. Port 0 is resolved once, here: the
 //! supervisor binds a socket with `SO_REUSEPORT` to the address and never
-//! listens on it ([`listen::claim_port`]). A socket that does not listen
+//! listens on it (`listen::claim_port`). A socket that does not listen
 //! is never handed a connection, but it holds the port for as long as the
 //! supervisor lives, so a dying worker's port cannot be taken by anyone
 //! else before its replacement binds it.
