@@ -130,6 +130,12 @@ pub struct ServeArgs {
     /// `threads`: one blocking thread per client, for comparison.
     #[arg(long, value_enum, default_value_t = EngineArg::Reactor)]
     pub engine: EngineArg,
+    /// Worker processes, each one event loop, sharing the port (SO_REUSEPORT).
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub workers: NonZeroUsize,
+    /// Set by the supervisor: run as its worker I.
+    #[arg(long, value_name = "I", hide = true)]
+    pub worker_index: Option<usize>,
 }
 
 /// `reactor connect`.
@@ -148,7 +154,11 @@ pub struct ConnectArgs {
 
 /// `reactor load`'s flags.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct LoadArgs {
+    /// `merge`, or nothing to run a load.
+    #[command(subcommand)]
+    pub action: Option<LoadAction>,
     /// Server address.
     #[arg(default_value = "127.0.0.1:5050")]
     pub addr: SocketAddr,
@@ -210,6 +220,32 @@ pub struct LoadArgs {
     /// highest total rate whose p99 stayed at most P99_MS.
     #[arg(long, value_name = "P99_MS", value_parser = positive)]
     pub find_max_rate: Option<f64>,
+    /// Load processes [default: as many as the connections need, each
+    /// holding at most its open-file limit less a reserve].
+    #[arg(long, value_name = "P", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub processes: Option<u32>,
+    /// Set by a parent load process: run as its child I.
+    #[arg(long, value_name = "I", hide = true, requires = "processes")]
+    pub process_index: Option<u32>,
+}
+
+/// `reactor load` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LoadAction {
+    /// Add up `reactor load --json` reports (several hosts or runs) into
+    /// one, exactly: counts summed, latency histograms merged.
+    Merge(MergeArgs),
+}
+
+/// `reactor load merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Reports written by `reactor load --json`.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -254,6 +290,8 @@ impl ServeArgs {
                 EngineArg::Reactor => Engine::Reactor,
                 EngineArg::Threads => Engine::Threads,
             },
+            workers: self.workers.get(),
+            worker: self.worker_index,
         }
     }
 }
@@ -261,6 +299,16 @@ impl ServeArgs {
 impl LoadArgs {
     /// Checks combinations clap cannot, returning the complaint.
     fn validate(&self) -> Result<(), String> {
+        let one_process = self.hdr_log.is_some()
+            || self.find_max_rate.is_some()
+            || self.workload == WorkloadArg::Chat;
+        if one_process && self.processes.is_some_and(|p| p > 1) {
+            return Err(
+                "--hdr-log, --find-max-rate and --workload chat run in one load process; \
+                 leave out --processes"
+                    .into(),
+            );
+        }
         if self.udp.is_some() && self.workload != WorkloadArg::Echo {
             return Err("--udp runs the echo workload only".into());
         }
@@ -331,6 +379,7 @@ impl LoadArgs {
             "interval": self.interval,
             "hdr_log": self.hdr_log.as_ref().map(|p| p.display().to_string()),
             "find_max_rate": self.find_max_rate,
+            "processes": self.processes,
         })
     }
 
@@ -354,7 +403,45 @@ impl LoadArgs {
             settings: self.settings(),
             hdr_log: self.hdr_log.clone(),
             find_max_rate: self.find_max_rate,
+            processes: self.processes,
+            process_index: self.process_index,
+            argv: self.child_args(),
         })
+    }
+
+    /// The flags that repeat this run in a child load process: every flag
+    /// but `--processes`, `--process-index` and `--json`, which the parent
+    /// sets itself, and `--interval`, `--hdr-log` and `--find-max-rate`,
+    /// which are the parent's alone (children report once a quarter second
+    /// to it instead).
+    fn child_args(&self) -> Vec<String> {
+        let mut a = vec![self.addr.to_string()];
+        let mut flag = |k: &str, v: String| {
+            a.push(format!("--{k}"));
+            a.push(v);
+        };
+        flag("workload", self.workload().name().into());
+        flag("connections", self.connections.to_string());
+        flag("size", self.size.to_string());
+        flag("duration", self.duration.to_string());
+        flag("warmup", self.warmup.to_string());
+        flag("pipeline", self.pipeline.to_string());
+        flag("rate", self.rate.to_string());
+        flag("connect-rate", self.connect_rate.to_string());
+        flag("threads", self.threads.to_string());
+        flag("timeout", self.timeout.to_string());
+        flag("interval", "0".into());
+        if !self.source_ip.is_empty() {
+            let ips: Vec<String> = self.source_ip.iter().map(|ip| ip.to_string()).collect();
+            flag("source-ip", ips.join(","));
+        }
+        if let Some(p) = &self.unix {
+            flag("unix", p.display().to_string());
+        }
+        if let Some(u) = self.udp {
+            flag("udp", u.to_string());
+        }
+        a
     }
 
     fn plan(&self) -> Plan {
@@ -393,10 +480,10 @@ impl ConnectArgs {
 /// Logs go to stderr (simple_logger's `stderr` feature): stdout carries
 /// only the `listening on` lines and `reactor load --json`.
 pub fn init_logging(cli: &Cli) {
-    let level = match &cli.command {
-        None => cli.serve.log_level,
-        Some(Command::Serve(s)) => s.log_level,
-        Some(_) => LogLevel::Warn,
+    let (level, worker) = match &cli.command {
+        None => (cli.serve.log_level, cli.serve.worker_index),
+        Some(Command::Serve(s)) => (s.log_level, s.worker_index),
+        Some(_) => (LogLevel::Warn, None),
     };
     let filter = match level {
         LogLevel::Off => log::LevelFilter::Off,
@@ -410,6 +497,8 @@ pub fn init_logging(cli: &Cli) {
     let _ = simple_logger::SimpleLogger::new()
         .with_level(filter)
         .with_module_level("mio", log::LevelFilter::Warn)
+        // A worker's lines name it: its loop runs on thread `worker-I`.
+        .with_threads(worker.is_some())
         .init();
 }
 
@@ -419,6 +508,10 @@ pub fn run(cli: Cli) -> ExitCode {
         None => serve(&cli.serve),
         Some(Command::Serve(args)) => serve(&args),
         Some(Command::Connect(args)) => connect::run(&args.target()),
+        Some(Command::Load(LoadArgs {
+            action: Some(LoadAction::Merge(m)),
+            ..
+        })) => load::merge::run(&m.files, m.json),
         Some(Command::Load(args)) => match args.options() {
             Ok(options) => load::run(options),
             Err(e) => {
@@ -430,7 +523,12 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> ExitCode {
-    match server::serve(args.config()) {
+    let config = args.config();
+    let result = match config.worker {
+        Some(_) => server::supervisor::run_worker(config),
+        None => server::serve(config),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("reactor: {e}");

@@ -10,7 +10,9 @@
 //! 1. [`net`]: socket plumbing under everything: one stream type for TCP
 //!    and Unix ([`net::stream`]), the `WouldBlock`/`Interrupted` rules
 //!    written once ([`net::io`]), the ready list ([`net::ready`]), the
-//!    open-file limit ([`net::limits`]).
+//!    open-file limit and the checks made before a large run
+//!    ([`net::limits`]), source addresses for many connections
+//!    ([`net::source`]).
 //! 2. [`protocol`]: what the server says. Echo and chat behind one small
 //!    trait; bytes in, replies and broadcasts out, no sockets.
 //!    [`protocol::lines`] splits a stream into bounded lines.
@@ -22,8 +24,10 @@
 //!    state machine, `state.rs`, and its writes), `event_loop` (the reactor
 //!    itself, one `mio::Poll`, split by idea: accept, connections,
 //!    broadcast, timers, shutdown), `timer`, `udp`, `listen`, and
-//!    `threads` (one thread per client, for comparison).
-//! 5. [`client`]: `reactor connect` and `reactor load`.
+//!    `threads` (one thread per client, for comparison);
+//!    [`server::supervisor`] runs N worker processes on one port.
+//! 5. [`client`]: `reactor connect` and `reactor load` (past one process:
+//!    [`client::load::processes`], [`client::load::merge`]).
 //! 6. [`cli`]: every clap definition, turned into the plain configurations
 //!    above; shared by the binary and its tests.
 #![forbid(unsafe_code)]

@@ -10,6 +10,7 @@
 pub mod io;
 pub mod limits;
 pub mod ready;
+pub mod source;
 pub mod stream;
 
 pub use stream::Stream;

@@ -57,11 +57,13 @@ pub struct Listeners {
 impl Listeners {
     /// Binds what `config` asks for.
     pub fn bind(config: &Config) -> Result<Listeners, ServeError> {
-        let tcp = bind_tcp(config.addr)
+        // A worker shares the port with its siblings (see `supervisor`).
+        let shared = config.worker.is_some();
+        let tcp = bind_tcp(config.addr, shared)
             .map_err(|e| ServeError::Bind(format!("cannot listen on {}: {e}", config.addr)))?;
         let udp = match config.udp {
             Some(addr) => Some(
-                UdpSocket::bind(addr)
+                bind_udp(addr, shared)
                     .map_err(|e| ServeError::Bind(format!("cannot bind udp {addr}: {e}")))?,
             ),
             None => None,
@@ -84,17 +86,74 @@ impl Listeners {
     }
 }
 
-/// A TCP listener with `SO_REUSEADDR` and a deep backlog.
-pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A TCP listener with `SO_REUSEADDR` and a deep backlog; with `shared`
+/// also `SO_REUSEPORT`: every socket bound
+/// to the port with that option (by the same user) gets its own accept
+/// queue, and the kernel spreads new connections over the listening ones
+/// by a hash of the connection's addresses and ports.
+pub fn bind_tcp(addr: SocketAddr, shared: bool) -> io::Result<TcpListener> {
+    let socket = tcp_socket(addr, shared)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn tcp_socket(addr: SocketAddr, shared: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Lets a restarted server bind while old connections sit in TIME_WAIT.
     socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
+}
+
+/// A UDP socket, in the port's `SO_REUSEPORT` group when `shared`
+/// (datagrams are then spread by a hash of their source).
+pub fn bind_udp(addr: SocketAddr, shared: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// Claims a TCP `addr` for a group of workers without listening on it: a
+/// socket bound with `SO_REUSEPORT` that never calls `listen`, so the
+/// kernel never hands it a connection (only listening sockets are looked
+/// up for an incoming SYN), yet it holds the port, port 0 resolved to a
+/// real one, for as long as it lives. Workers then bind the real port with
+/// `SO_REUSEPORT` and listen. Kept for the supervisor's whole life, it
+/// means the port is never free between a worker's death and its
+/// replacement's bind, so no other program can take it.
+///
+/// With `udp`, the same for a UDP port, but a bound UDP socket does
+/// receive its share of datagrams: the caller drops that claim as soon as
+/// it has read the port, before any worker binds.
+pub fn claim_port(addr: SocketAddr, udp: bool) -> io::Result<(Socket, SocketAddr)> {
+    let socket = if udp {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s
+    } else {
+        tcp_socket(addr, true)?
+    };
+    socket.bind(&addr.into())?;
+    let bound = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound address is not an IP address"))?;
+    Ok((socket, bound))
 }
 
 /// Binds a Unix-domain listener at `path`, replacing a stale socket file

@@ -21,6 +21,7 @@ pub(crate) mod connection;
 pub(crate) mod event_loop;
 pub(crate) mod listen;
 pub mod stats;
+pub mod supervisor;
 pub(crate) mod threads;
 pub(crate) mod timer;
 pub(crate) mod token;
@@ -105,6 +106,11 @@ pub struct Config {
     pub unix: Option<PathBuf>,
     /// Engine.
     pub engine: Engine,
+    /// Worker processes sharing the port (see [`supervisor`]); 1 = none.
+    pub workers: usize,
+    /// Set in a worker process: its index. Its listeners then join the
+    /// port's `SO_REUSEPORT` group instead of owning the port.
+    pub worker: Option<usize>,
 }
 
 impl Default for Config {
@@ -120,6 +126,8 @@ impl Default for Config {
             udp: None,
             unix: None,
             engine: Engine::Reactor,
+            workers: 1,
+            worker: None,
         }
     }
 }
@@ -319,6 +327,12 @@ fn max_connections(config: &Config) -> usize {
 /// Binds the listeners `config` asks for, prints one `listening on` line
 /// per listener on stdout, and serves until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), ServeError> {
+    if config.workers > 1 && config.worker.is_none() {
+        return supervisor::run(config);
+    }
+    if config.worker.is_none() {
+        supervisor::warn_limits(&config);
+    }
     match config.engine {
         Engine::Reactor => {
             let server = Server::bind(config)?;

@@ -69,3 +69,116 @@ impl fmt::Display for Stats {
         )
     }
 }
+
+impl Stats {
+    /// Adds another worker's counters to these.
+    pub fn add(&mut self, o: &Stats) {
+        self.active += o.active;
+        self.accepted += o.accepted;
+        self.accepted_unix += o.accepted_unix;
+        self.rejected += o.rejected;
+        self.closed += o.closed;
+        for (a, b) in self.closed_by.iter_mut().zip(o.closed_by) {
+            *a += b;
+        }
+        self.dropped_slow += o.dropped_slow;
+        self.accept_paused += o.accept_paused;
+        self.bytes_discarded += o.bytes_discarded;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.udp_in += o.udp_in;
+        self.udp_out += o.udp_out;
+        self.udp_dropped += o.udp_dropped;
+    }
+
+    /// Reads back a logged stats line (the [`Display`](fmt::Display) form,
+    /// anywhere in `line`): the supervisor learns its workers' counters
+    /// from their log. Counters the line does not show stay 0. `Some((true, stats))` for the final line a worker
+    /// logs at exit. Unknown keys are skipped.
+    pub fn parse_log_line(line: &str) -> Option<(bool, Stats)> {
+        let (last, rest) = if let Some(i) = line.find("] final stats: ") {
+            (true, &line[i + "] final stats: ".len()..])
+        } else {
+            let i = line.find("] stats: ")?;
+            (false, &line[i + "] stats: ".len()..])
+        };
+        let mut s = Stats::default();
+        let mut words = rest.split_whitespace().peekable();
+        while let Some(word) = words.next() {
+            // `accepted=5 (unix 1)`: the Unix share follows in brackets.
+            if word == "(unix" {
+                let n = words.next()?.trim_end_matches(')');
+                s.accepted_unix = n.parse().ok()?;
+                continue;
+            }
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let n: u64 = value.parse().ok()?;
+            match key {
+                "active" => s.active = n as usize,
+                "accepted" => s.accepted = n,
+                "rejected" => s.rejected = n,
+                "closed" => s.closed = n,
+                "slow_dropped" => s.dropped_slow = n,
+                "bytes_in" => s.bytes_in = n,
+                "bytes_out" => s.bytes_out = n,
+                "udp_in" => s.udp_in = n,
+                "udp_out" => s.udp_out = n,
+                "udp_dropped" => s.udp_dropped = n,
+                _ => {}
+            }
+        }
+        Some((last, s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(k: u64) -> Stats {
+        Stats {
+            active: k as usize,
+            accepted: 2 * k,
+            accepted_unix: 3 * k,
+            rejected: 4 * k,
+            closed: 5 * k,
+            dropped_slow: 6 * k,
+            bytes_in: 7 * k,
+            bytes_out: 8 * k,
+            udp_in: 9 * k,
+            udp_out: 10 * k,
+            udp_dropped: 11 * k,
+            ..Stats::default()
+        }
+    }
+
+    #[test]
+    fn a_logged_line_reads_back_as_the_same_counters() {
+        let line = format!(
+            "2026-01-01T00:00:00Z INFO  [reactor::x@worker-1] {}",
+            sample(3)
+        );
+        let (last, s) = Stats::parse_log_line(&line).unwrap();
+        assert!(!last);
+        assert_eq!(s.to_string(), sample(3).to_string());
+        let line = format!("... [reactor::x@worker-0] final {}", sample(2));
+        let (last, s) = Stats::parse_log_line(&line).unwrap();
+        assert!(last);
+        assert_eq!(s.to_string(), sample(2).to_string());
+    }
+
+    #[test]
+    fn other_log_lines_are_not_stats() {
+        assert!(Stats::parse_log_line("INFO [reactor::x] listening, stats: later").is_none());
+        assert!(Stats::parse_log_line("INFO [reactor::x] stats: active=x").is_none());
+    }
+
+    #[test]
+    fn added_counters_are_summed_field_by_field() {
+        let mut s = sample(1);
+        s.add(&sample(2));
+        assert_eq!(s.to_string(), sample(3).to_string());
+    }
+}

@@ -10,8 +10,11 @@
 pub mod chat;
 pub mod interval;
 mod max_rate;
+pub mod merge;
 pub mod message;
+pub mod processes;
 pub mod report;
+pub mod sources;
 pub mod udp;
 pub mod worker;
 
@@ -93,6 +96,27 @@ pub struct Progress {
     pub messages: AtomicU64,
     /// Set once the first loop starts measuring.
     pub measuring: AtomicBool,
+    /// hold: loops that have opened (or given up on) all their connections.
+    pub ready: AtomicU64,
+    /// Loops in this process.
+    pub loops: AtomicU64,
+    /// hold: set when the hold may begin; every loop waits for it, so all
+    /// connections of the run (of every load process) are held at once.
+    pub go: AtomicBool,
+    /// The go comes from outside (a parent load process), not from
+    /// `ready` reaching `loops`.
+    pub gated: AtomicBool,
+}
+
+impl Progress {
+    /// hold: whether the hold may begin.
+    pub fn may_hold(&self) -> bool {
+        if self.gated.load(Ordering::Acquire) {
+            self.go.load(Ordering::Acquire)
+        } else {
+            self.ready.load(Ordering::Acquire) >= self.loops.load(Ordering::Acquire)
+        }
+    }
 }
 
 impl Default for Progress {
@@ -102,6 +126,10 @@ impl Default for Progress {
             opened: AtomicU64::new(0),
             messages: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
+            ready: AtomicU64::new(0),
+            loops: AtomicU64::new(0),
+            go: AtomicBool::new(false),
+            gated: AtomicBool::new(false),
         }
     }
 }
@@ -124,20 +152,34 @@ pub struct Options {
     pub hdr_log: Option<PathBuf>,
     /// `--find-max-rate`: the p99 (ms) the highest rate must keep.
     pub find_max_rate: Option<f64>,
+    /// `--processes`: load processes; `None` = as many as the connections
+    /// need ([`processes::count`]).
+    pub processes: Option<u32>,
+    /// Set in a child load process: its index among `processes`.
+    pub process_index: Option<u32>,
+    /// The flags that repeat this run, for child processes (without
+    /// `--processes` or `--json`).
+    pub argv: Vec<String>,
 }
 
 /// Runs `reactor load`: 0 when everything came back as sent, 1 otherwise.
-pub fn run(args: Options) -> ExitCode {
+pub fn run(mut args: Options) -> ExitCode {
     // Each connection is a descriptor; ask for all the system allows.
     let limit = crate::net::limits::raise_fd_limit();
-    let needed = u64::from(args.plan.connections) + 16;
-    if args.udp.is_none() && needed > limit {
-        eprintln!(
-            "reactor load: warning: {} connections need about {needed} descriptors, but this \
-             process may open only {limit} (RLIMIT_NOFILE); expect to stop near {}",
-            args.plan.connections,
-            limit.saturating_sub(16)
-        );
+    let spread = sources::spread(&mut args.plan);
+    if let Some(index) = args.process_index {
+        // One of several load processes: the parent said all there is.
+        return processes::run_child(args, index);
+    }
+    if let Some(note) = spread {
+        eprintln!("reactor load: {note}");
+    }
+    if !processes::check_limits(&args, limit) {
+        return ExitCode::FAILURE;
+    }
+    let count = processes::count(&args, limit);
+    if count > 1 {
+        return processes::run_parent(args, count);
     }
     if let Some(p99_ms) = args.find_max_rate {
         return max_rate::run(args, p99_ms);
@@ -193,8 +235,27 @@ pub fn run_loops(
     udp: Option<SocketAddr>,
     hdr_log: Option<&Path>,
 ) -> Result<Outcome, String> {
-    let connections = plan.connections;
     let progress = Arc::new(Progress::default());
+    run_share(plan, threads, udp, hdr_log, progress, (0, 1))
+}
+
+/// The ids of process `index` of `count`: every `count`-th, from `index`.
+pub fn process_ids(connections: u32, (index, count): (u32, u32)) -> impl Iterator<Item = u32> {
+    (index..connections).step_by(count as usize)
+}
+
+/// [`run_loops`] for process `process.0` of `process.1` (see
+/// [`processes`]): its share is every `process.1`-th connection id from
+/// `process.0`, dealt round-robin among its loops.
+pub fn run_share(
+    plan: Arc<Plan>,
+    threads: u32,
+    udp: Option<SocketAddr>,
+    hdr_log: Option<&Path>,
+    progress: Arc<Progress>,
+    process: (u32, u32),
+) -> Result<Outcome, String> {
+    let connections = plan.connections;
     if plan.workload == Workload::Chat {
         // Chat checks every line against every client: one loop.
         let (p, q) = (plan.clone(), progress.clone());
@@ -209,12 +270,17 @@ pub fn run_loops(
         let (tally, counts) = result.into_iter().next().expect("one loop");
         return Ok((tally, rows, Some(counts)));
     }
-    let threads = threads.min(connections);
+    let mine = process_ids(connections, process).count() as u32;
+    let threads = threads.min(mine).max(1);
+    progress.loops.store(u64::from(threads), Ordering::Release);
     let (to_collector, intervals) = mpsc::channel();
     let mut handles = Vec::new();
     for t in 0..threads {
         // Deal connection ids round-robin, so each loop gets its share.
-        let ids: Vec<u32> = (t..connections).step_by(threads as usize).collect();
+        let ids: Vec<u32> = process_ids(connections, process)
+            .skip(t as usize)
+            .step_by(threads as usize)
+            .collect();
         let share = ids.len() as f64 / f64::from(connections);
         let (plan, progress) = (plan.clone(), progress.clone());
         let live = Some((to_collector.clone(), t as usize));

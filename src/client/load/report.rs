@@ -51,7 +51,8 @@ pub enum Failure {
 }
 
 impl Failure {
-    const ALL: [Failure; 7] = [
+    /// Every kind, in declaration order.
+    pub const ALL: [Failure; 7] = [
         Failure::Connect,
         Failure::FdLimit,
         Failure::Ports,
@@ -303,6 +304,11 @@ impl Report {
             "problems": self.problems(),
             "ok": self.ok(),
             "intervals": self.intervals.iter().map(Row::json).collect::<Vec<_>>(),
+            // Load processes behind these counts (see `extra` for several).
+            "processes": 1,
+            // Every count above, exactly, histograms included, so that
+            // `reactor load merge` can add reports up.
+            "tally": super::merge::tally_json(t),
         });
         if self.open_loop {
             v["latency_uncorrected_us"] = percentiles(&t.latency_uncorrected);
@@ -318,6 +324,11 @@ impl Report {
         let t = &self.tally;
         let mut s = String::new();
         let _ = writeln!(s, "reactor load: {}", describe(&self.settings));
+        if let Some(p) = self.extra.get("processes").and_then(Value::as_u64) {
+            if p > 1 {
+                let _ = writeln!(s, "processes     {p} (counts added, histograms merged)");
+            }
+        }
         let _ = writeln!(
             s,
             "connections   {} opened{}",

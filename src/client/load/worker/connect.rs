@@ -5,7 +5,7 @@ use super::*;
 
 impl Worker {
     pub(super) fn open_more(&mut self, now: Instant) {
-        while self.may_open() && self.connecting < MAX_CONNECTING {
+        while self.may_open() && self.connecting + self.unconfirmed < MAX_CONNECTING {
             if !self.connect_gap.is_zero() && now < self.next_connect {
                 return;
             }
@@ -86,7 +86,7 @@ impl Worker {
                 if !self.sources.is_empty() {
                     let ip = self.sources[self.next_source % self.sources.len()];
                     self.next_source += 1;
-                    socket.bind(&SocketAddr::new(ip, 0).into())?;
+                    crate::net::source::bind_source(&socket, ip)?;
                 }
                 match socket.connect(&(*addr).into()) {
                     Ok(()) => {}
@@ -138,6 +138,9 @@ impl Worker {
         let conn = &mut self.conns[key];
         let since = conn.connecting.take().expect("was connecting");
         self.connecting -= 1;
+        if self.plan.workload == Workload::Hold {
+            self.unconfirmed += 1;
+        }
         self.tally.opened += 1;
         self.last_open = now;
         let measuring = self.plan.workload != Workload::Churn || self.phase == Phase::Measuring;

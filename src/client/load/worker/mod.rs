@@ -121,6 +121,13 @@ pub struct Worker {
     id_step: u32,
     slots: usize,
     connecting: usize,
+    /// hold: connections established whose first round trip has not come
+    /// back. They count against the connect window too: a connection the
+    /// client sees established may still wait in the server's accept
+    /// queue, and a full accept queue drops SYNs (1 s retransmits).
+    unconfirmed: usize,
+    /// hold: this loop told `progress` it has opened everything.
+    hold_ready: bool,
     /// Earliest time the next connect may start (`--connect-rate`).
     next_connect: Instant,
     /// Seconds between connects for this loop; zero when unpaced.
@@ -187,6 +194,8 @@ impl Worker {
             id_step,
             slots,
             connecting: 0,
+            unconfirmed: 0,
+            hold_ready: false,
             next_connect: now,
             connect_gap,
             due: BinaryHeap::new(),
@@ -392,9 +401,18 @@ impl Worker {
         let opened_all = (self.to_open.is_empty() || self.stop_opening) && self.connecting == 0;
         match (self.plan.workload, self.phase) {
             (Workload::Echo, Phase::Opening) if opened_all => self.enter(Phase::WarmingUp, now),
-            (Workload::Hold, Phase::Opening) if opened_all && nothing_in_flight() => {
-                self.tally.open_secs = now.duration_since(self.started).as_secs_f64();
-                self.enter(Phase::Holding, now);
+            (Workload::Hold, Phase::Opening)
+                if opened_all && (self.hold_ready || nothing_in_flight()) =>
+            {
+                if !self.hold_ready {
+                    self.hold_ready = true;
+                    self.tally.open_secs = now.duration_since(self.started).as_secs_f64();
+                    self.progress.ready.fetch_add(1, Ordering::AcqRel);
+                }
+                // Every loop, of every load process, holds at once.
+                if self.progress.may_hold() {
+                    self.enter(Phase::Holding, now);
+                }
             }
             (_, Phase::WarmingUp) if timed_out => self.enter(Phase::Measuring, now),
             (_, Phase::Measuring) if timed_out => self.enter(Phase::AwaitingReplies, now),

@@ -246,6 +246,9 @@ impl Worker {
         let open_loop = self.plan.rate > 0.0;
         self.completions += u64::from(n);
         let conn = &mut self.conns[key];
+        if self.plan.workload == Workload::Hold && conn.check.seq == n {
+            self.unconfirmed -= 1; // its first round trip: the server has it
+        }
         let mut left = n;
         while left > 0 {
             let batch = conn
@@ -365,6 +368,10 @@ impl Worker {
     /// Closes connection `key` (churn's normal end, or after a failure).
     pub(super) fn close_conn(&mut self, key: usize) {
         let mut conn = self.conns.remove(key);
+        if self.plan.workload == Workload::Hold && conn.connecting.is_none() && conn.check.seq == 0
+        {
+            self.unconfirmed -= 1;
+        }
         // Deregister before the socket closes with the drop.
         let _ = self.poll.registry().deregister(&mut conn.stream);
     }
