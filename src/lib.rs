@@ -36,6 +36,7 @@
 pub mod buffer;
 pub mod cli;
 pub mod client;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod server;
