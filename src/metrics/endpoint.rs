@@ -1,1 +1,523 @@
-//! placeholder
+//! The metrics endpoint's sockets: a listener and a few HTTP clients,
+//! served by the server's own event loop.
+//!
+//! The loop owns one `Poll`; this module owns the tokens it routes here:
+//! [`METRICS`] for the listener and, for each client, a token from
+//! [`metrics_client_token`] (bit 63 set, a key into this module's own
+//! small slab, and a generation, so an event left over for a closed
+//! client is ignored rather than handed to the next one).
+//! [`Endpoint::owns`] tells the loop which tokens those are.
+//!
+//! Every rule of the main server applies, in miniature:
+//! - edge-triggered: each event is handled until `WouldBlock` (accepts,
+//!   reads, writes), or no new event would come;
+//! - a budget: a client gets at most [`IO_BUDGET`] system calls per
+//!   event; one that still wants more is pipelining requests faster than
+//!   any scraper would and is closed, so it can never hold the loop;
+//! - bounded memory: at most [`MAX_CLIENTS`] clients, each with at most
+//!   [`MAX_REQUEST`] bytes of request and one response;
+//! - back-pressure: while a response is pending nothing is read, and
+//!   `WRITABLE` is asked for only while output waits;
+//! - a deadline: a client that has not completed a request within
+//!   [`TIMEOUT`] of connecting (or of its previous response) is closed,
+//!   so a slow trickle cannot hold a slot;
+//! - a graceful close: when the server ends the exchange (an error status,
+//!   `Connection: close`) while the client may still be sending, closing
+//!   at once would answer its next bytes with a reset, and a reset can
+//!   destroy the response still unread on the client's side. So the
+//!   write side is shut (the client sees EOF after the response) and
+//!   input is read and thrown away until the client closes too, for at
+//!   most [`LINGER`] (chat's `* error: line too long` does the same).
+//!
+//! What to answer is [`super::http`]'s business; the text comes from a
+//! closure the loop passes in, called only when a `GET /metrics` arrives.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use super::http::{Exchange, Want, MAX_REQUEST};
+use crate::net::io::attempt;
+use crate::server::token::{metrics_client_key, metrics_client_token, TokenName, METRICS};
+
+/// Most metrics clients held at once; more are accepted and closed.
+pub const MAX_CLIENTS: usize = 16;
+/// Longest a client may take to send one whole request.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a finished exchange waits for the client's own close.
+pub const LINGER: Duration = Duration::from_secs(1);
+/// Most system calls for one client per event.
+pub const IO_BUDGET: usize = 32;
+/// Most accepts per listener event.
+const ACCEPT_BUDGET: usize = MAX_CLIENTS;
+
+struct Client {
+    stream: TcpStream,
+    exchange: Exchange,
+    generation: u32,
+    /// Close if no request completes by then (ms on the loop's clock).
+    deadline: u64,
+    /// The registered interest, so it is changed only when it must be.
+    interest: Interest,
+    /// Write side shut; discarding input until EOF or the deadline.
+    lingering: bool,
+}
+
+/// The metrics listener and its clients.
+pub struct Endpoint {
+    listener: TcpListener,
+    clients: Slab<Client>,
+    next_generation: u32,
+    timeout: Duration,
+    /// The read buffer, shared by all clients (one request at most).
+    scratch: Box<[u8]>,
+}
+
+/// Binds the metrics listener (blocking std socket, as the other
+/// listeners are bound before the loop starts).
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+}
+
+impl Endpoint {
+    /// Takes the bound listener and registers it with `registry` under
+    /// [`METRICS`].
+    pub fn new(listener: std::net::TcpListener, registry: &Registry) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        registry.register(&mut listener, METRICS, Interest::READABLE)?;
+        Ok(Endpoint {
+            listener,
+            clients: Slab::with_capacity(MAX_CLIENTS),
+            next_generation: 0,
+            timeout: TIMEOUT,
+            scratch: vec![0; MAX_REQUEST].into_boxed_slice(),
+        })
+    }
+
+    /// Changes the request deadline from [`TIMEOUT`] (tests).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Whether `token` is the endpoint's: its listener or one of its clients.
+    pub fn owns(token: Token) -> bool {
+        token == METRICS || metrics_client_key(token).is_some()
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Handles an event for one of the endpoint's tokens. `now` is the
+    /// loop's clock in ms; `metrics` renders the exposition.
+    pub fn on_event(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now: u64,
+        metrics: &mut dyn FnMut() -> String,
+    ) {
+        if token == METRICS {
+            self.accept(registry, now);
+            return;
+        }
+        let Some((key, generation)) = metrics_client_key(token) else {
+            return;
+        };
+        match self.clients.get(key) {
+            Some(c) if c.generation == generation => self.drive(registry, key, now, metrics),
+            // A stale event for a client already closed.
+            _ => {}
+        }
+    }
+
+    /// The earliest client deadline, for the loop's poll timeout.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.clients.iter().map(|(_, c)| c.deadline).min()
+    }
+
+    /// Closes clients past their deadline.
+    pub fn expire(&mut self, registry: &Registry, now: u64) {
+        let late: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in late {
+            self.close(registry, key, "timed out");
+        }
+    }
+
+    /// Closes every client and stops listening (shutdown).
+    pub fn close_all(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(registry, key, "shutdown");
+        }
+    }
+
+    fn accept(&mut self, registry: &Registry, now: u64) {
+        for _ in 0..ACCEPT_BUDGET {
+            // Drain the backlog: the next client raises a new edge only
+            // once this one is taken.
+            let mut stream = match attempt(|| self.listener.accept()) {
+                Ok(Some((s, _))) => s,
+                Ok(None) => return,
+                // EMFILE and friends: the main listener's pause handles
+                // descriptor shortage; a scraper just retries later.
+                Err(e) => {
+                    log::debug!("metrics accept: {e}");
+                    return;
+                }
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                log::debug!("metrics: {MAX_CLIENTS} clients already; closing a new one");
+                continue; // dropped: closed at once
+            }
+            let entry = self.clients.vacant_entry();
+            let key = entry.key();
+            let generation = self.next_generation;
+            self.next_generation = crate::server::token::next_generation(generation);
+            let token = metrics_client_token(key, generation);
+            if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
+                log::debug!("metrics: cannot register a client: {e}");
+                continue;
+            }
+            entry.insert(Client {
+                stream,
+                exchange: Exchange::default(),
+                generation,
+                deadline: now + self.timeout.as_millis() as u64,
+                interest: Interest::READABLE,
+                lingering: false,
+            });
+            log::debug!("[{}] open", TokenName(token));
+        }
+        // Budget spent: more than MAX_CLIENTS connecting in one go is not
+        // a scraper. The rest wait for the next connect's edge.
+    }
+
+    /// Reads and writes for client `key` until it blocks, within budget.
+    fn drive(
+        &mut self,
+        registry: &Registry,
+        key: usize,
+        now: u64,
+        metrics: &mut dyn FnMut() -> String,
+    ) {
+        let c = &mut self.clients[key];
+        let before = c.exchange.answered();
+        let mut outcome = None;
+        for _ in 0..IO_BUDGET {
+            match c.exchange.wants() {
+                Want::Close if c.exchange.peer_closed() => {
+                    outcome = Some(Err("done".into()));
+                    break;
+                }
+                Want::Close => {
+                    if !c.lingering {
+                        c.lingering = true;
+                        c.deadline = now + LINGER.as_millis() as u64;
+                        // FIN after the response: the client reads it all,
+                        // then EOF.
+                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                    }
+                    match attempt(|| c.stream.read(&mut self.scratch)) {
+                        Ok(Some(0)) => c.exchange.on_eof(),
+                        Ok(Some(_)) => {} // thrown away
+                        Ok(None) => {
+                            outcome = Some(Ok(Interest::READABLE));
+                            break;
+                        }
+                        Err(e) => {
+                            outcome = Some(Err(format!("read: {e}")));
+                            break;
+                        }
+                    }
+                }
+                Want::Write => {
+                    let pending = c.exchange.pending();
+                    match attempt(|| c.stream.write(pending)) {
+                        Ok(Some(0)) => {
+                            outcome = Some(Err("write returned 0".into()));
+                            break;
+                        }
+                        // A short write keeps the rest for the next try.
+                        Ok(Some(n)) => c.exchange.on_written(n, metrics),
+                        // Socket buffer full: wait for WRITABLE.
+                        Ok(None) => {
+                            outcome = Some(Ok(Interest::WRITABLE));
+                            break;
+                        }
+                        Err(e) => {
+                            outcome = Some(Err(format!("write: {e}")));
+                            break;
+                        }
+                    }
+                }
+                Want::Read => {
+                    let room = c.exchange.room();
+                    let buf = &mut self.scratch[..room];
+                    match attempt(|| c.stream.read(buf)) {
+                        // Ok(0): the peer closed its side; finish what
+                        // is owed (nothing, unless a response is due).
+                        Ok(Some(0)) => c.exchange.on_eof(),
+                        Ok(Some(n)) => c.exchange.on_bytes(&self.scratch[..n], metrics),
+                        // Drained: a new edge comes with new bytes.
+                        Ok(None) => {
+                            outcome = Some(Ok(Interest::READABLE));
+                            break;
+                        }
+                        Err(e) => {
+                            outcome = Some(Err(format!("read: {e}")));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let outcome = outcome.unwrap_or_else(|| {
+            if self.clients[key].lingering {
+                // Discarding a flood: the deadline ends it, and while it
+                // keeps sending, its new bytes raise new edges.
+                Ok(Interest::READABLE)
+            } else {
+                // Pipelining more than a budget's worth of requests in
+                // one go is no scraper.
+                Err("over budget".into())
+            }
+        });
+        let c = &mut self.clients[key];
+        if c.exchange.answered() != before && !c.lingering {
+            // A request completed: the next one gets a fresh deadline.
+            c.deadline = now + self.timeout.as_millis() as u64;
+        }
+        match outcome {
+            Ok(interest) if interest != c.interest => {
+                let token = metrics_client_token(key, c.generation);
+                if let Err(e) = registry.reregister(&mut c.stream, token, interest) {
+                    self.close(registry, key, &format!("reregister: {e}"));
+                    return;
+                }
+                c.interest = interest;
+            }
+            Ok(_) => {}
+            Err(why) => self.close(registry, key, &why),
+        }
+    }
+
+    fn close(&mut self, registry: &Registry, key: usize, why: &str) {
+        let mut c = self.clients.remove(key);
+        // Deregister before the slab slot can be reused; the generation
+        // makes any event still in flight for it harmless.
+        let _ = registry.deregister(&mut c.stream);
+        log::debug!(
+            "[{}] closed ({why})",
+            TokenName(metrics_client_token(key, c.generation))
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The endpoint alone on a small poll loop of its own, talked to over
+    //! loopback with blocking sockets, as a scraper would.
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Instant;
+
+    struct Running {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    fn start(timeout: Duration, body: String) -> Running {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut poll = mio::Poll::new().unwrap();
+            let mut ep = Endpoint::new(listener, poll.registry()).unwrap();
+            ep.set_timeout(timeout);
+            let mut events = mio::Events::with_capacity(64);
+            let started = Instant::now();
+            while !stopping.load(Ordering::SeqCst) {
+                poll.poll(&mut events, Some(Duration::from_millis(20))).unwrap();
+                let now = started.elapsed().as_millis() as u64;
+                for e in events.iter() {
+                    assert!(Endpoint::owns(e.token()));
+                    ep.on_event(poll.registry(), e.token(), now, &mut || body.clone());
+                }
+                ep.expire(poll.registry(), now);
+                assert!(ep.clients() <= MAX_CLIENTS);
+            }
+        });
+        Running {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> std::net::TcpStream {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+
+    /// Reads one response: status line and body (by Content-Length).
+    fn response(r: &mut BufReader<std::net::TcpStream>) -> (String, Vec<u8>) {
+        let mut status = String::new();
+        r.read_line(&mut status).unwrap();
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h == "\r\n" {
+                break;
+            }
+            if let Some(v) = h.strip_prefix("Content-Length: ") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        (status.trim_end().to_string(), body)
+    }
+
+    /// True once the server has closed: EOF or a reset.
+    fn closed(s: &mut impl Read) -> bool {
+        let mut b = [0; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn get_metrics_twice_on_one_connection_then_404() {
+        let ep = start(TIMEOUT, "reactor_x 1\n".into());
+        let mut s = connect(ep.addr);
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        for _ in 0..2 {
+            let (status, body) = response(&mut r);
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            assert_eq!(body, b"reactor_x 1\n");
+        }
+        s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        assert_eq!(response(&mut r).0, "HTTP/1.1 404 Not Found");
+        assert!(closed(&mut r), "Connection: close is honoured");
+    }
+
+    #[test]
+    fn an_endless_header_gets_431_and_the_connection_is_closed() {
+        let ep = start(TIMEOUT, String::new());
+        let s = connect(ep.addr);
+        let mut w = s.try_clone().unwrap();
+        // Keep sending header bytes until the server hangs up (it reads
+        // and discards for LINGER after its 431), or 60 s pass.
+        let writer = thread::spawn(move || {
+            let _ = w.write_all(b"GET /metrics HTTP/1.1\r\nX-Endless: ");
+            let junk = [b'a'; 4096];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                if w.write(&junk).is_err() {
+                    return true; // reset or broken pipe: it hung up
+                }
+            }
+            false
+        });
+        let mut r = BufReader::new(s);
+        let (status, _) = response(&mut r);
+        assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
+        assert!(closed(&mut r));
+        assert!(writer.join().unwrap(), "the server hung up on the endless writer");
+    }
+
+    #[test]
+    fn a_request_not_finished_in_time_is_closed_unanswered() {
+        let ep = start(Duration::from_millis(200), String::new());
+        let mut s = connect(ep.addr);
+        s.write_all(b"GET /metr").unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "no response to half a request");
+    }
+
+    #[test]
+    fn a_large_response_to_a_slow_reader_arrives_whole() {
+        // Far more than the socket buffers hold: the endpoint must wait
+        // for WRITABLE, repeatedly.
+        let body = "x".repeat(8 << 20);
+        let ep = start(TIMEOUT, body.clone());
+        let mut s = connect(ep.addr);
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        thread::sleep(Duration::from_millis(100)); // let its buffers fill
+        let mut r = BufReader::new(s);
+        let (status, got) = response(&mut r);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(got.len(), body.len());
+    }
+
+    #[test]
+    fn clients_past_the_cap_are_closed_and_the_others_still_served() {
+        let ep = start(TIMEOUT, "ok\n".into());
+        let held: Vec<_> = (0..MAX_CLIENTS).map(|_| connect(ep.addr)).collect();
+        // Make sure all of them were accepted before the extra one.
+        for s in &held {
+            let mut s = s;
+            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            let (status, _) = response(&mut BufReader::new(s.try_clone().unwrap()));
+            assert_eq!(status, "HTTP/1.1 200 OK");
+        }
+        let mut extra = connect(ep.addr);
+        assert!(closed(&mut extra), "one too many is closed at once");
+        drop(held);
+        // Slots free up as the closes are seen.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut s = connect(ep.addr);
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            if got.starts_with(b"HTTP/1.1 200 OK") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never served again");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

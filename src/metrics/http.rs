@@ -152,6 +152,8 @@ pub struct Exchange {
     written: usize,
     /// Close once `output` is written: the client asked, erred or left.
     closing: bool,
+    /// The client closed its side.
+    eof: bool,
     /// Responses completed, for logs and tests.
     answered: u64,
 }
@@ -191,6 +193,12 @@ impl Exchange {
     /// A half-sent request is simply dropped.
     pub fn on_eof(&mut self) {
         self.closing = true;
+        self.eof = true;
+    }
+
+    /// Whether the client has closed its side ([`Exchange::on_eof`]).
+    pub fn peer_closed(&self) -> bool {
+        self.eof
     }
 
     /// The bytes still to write.
