@@ -369,7 +369,8 @@ mod tests {
             let mut events = mio::Events::with_capacity(64);
             let started = Instant::now();
             while !stopping.load(Ordering::SeqCst) {
-                poll.poll(&mut events, Some(Duration::from_millis(20))).unwrap();
+                poll.poll(&mut events, Some(Duration::from_millis(20)))
+                    .unwrap();
                 let now = started.elapsed().as_millis() as u64;
                 for e in events.iter() {
                     assert!(Endpoint::owns(e.token()));
@@ -437,7 +438,8 @@ mod tests {
             assert_eq!(status, "HTTP/1.1 200 OK");
             assert_eq!(body, b"reactor_x 1\n");
         }
-        s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
         assert_eq!(response(&mut r).0, "HTTP/1.1 404 Not Found");
         assert!(closed(&mut r), "Connection: close is honoured");
     }
@@ -464,7 +466,10 @@ mod tests {
         let (status, _) = response(&mut r);
         assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
         assert!(closed(&mut r));
-        assert!(writer.join().unwrap(), "the server hung up on the endless writer");
+        assert!(
+            writer.join().unwrap(),
+            "the server hung up on the endless writer"
+        );
     }
 
     #[test]

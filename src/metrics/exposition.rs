@@ -78,8 +78,7 @@ impl Exposition {
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         self.samples(name)
             .find(|s| {
-                s.labels.len() == labels.len()
-                    && labels.iter().all(|(k, v)| s.label(k) == Some(*v))
+                s.labels.len() == labels.len() && labels.iter().all(|(k, v)| s.label(k) == Some(*v))
             })
             .map(|s| s.value)
     }
@@ -157,9 +156,16 @@ impl Parser {
         let family = self.family_for(&sample.name);
         self.enter(&family, None)?;
         let f = self.out.families.last_mut().expect("entered above");
-        let mut key: Vec<String> = sample.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+        let mut key: Vec<String> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
         key.sort();
-        if !self.series.insert(format!("{}{{{}}}", sample.name, key.join(","))) {
+        if !self
+            .series
+            .insert(format!("{}{{{}}}", sample.name, key.join(",")))
+        {
             return Err(format!("duplicate series {}", sample.name));
         }
         let mut seen = HashSet::new();
@@ -336,7 +342,9 @@ fn sample(line: &str) -> Result<Sample, String> {
             let eq = l.find('=').ok_or("label without =")?;
             let key = &l[..eq];
             check_label_name(key)?;
-            let v = l[eq + 1..].strip_prefix('"').ok_or("label value not quoted")?;
+            let v = l[eq + 1..]
+                .strip_prefix('"')
+                .ok_or("label value not quoted")?;
             // Find the closing quote, skipping escaped characters.
             let bytes = v.as_bytes();
             let mut i = 0;
@@ -359,7 +367,8 @@ fn sample(line: &str) -> Result<Sample, String> {
     let mut parts = rest.split(' ');
     let v = value(parts.next().unwrap_or(""))?;
     if let Some(ts) = parts.next() {
-        ts.parse::<i64>().map_err(|_| format!("bad timestamp {ts:?}"))?;
+        ts.parse::<i64>()
+            .map_err(|_| format!("bad timestamp {ts:?}"))?;
     }
     if parts.next().is_some() {
         return Err("text after the timestamp".into());
@@ -405,7 +414,12 @@ fn check_histogram(f: &Family) -> Result<(), String> {
     }
     let mut groups: BTreeMap<Vec<(String, String)>, Group> = BTreeMap::new();
     for s in &f.samples {
-        let mut key: Vec<_> = s.labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+        let mut key: Vec<_> = s
+            .labels
+            .iter()
+            .filter(|(k, _)| k != "le")
+            .cloned()
+            .collect();
         key.sort();
         let g = groups.entry(key).or_default();
         let suffix = &s.name[f.name.len()..];
@@ -424,12 +438,20 @@ fn check_histogram(f: &Family) -> Result<(), String> {
         if g.sum.is_none() || g.count.is_none() {
             return Err(format!("{what}: _sum or _count missing"));
         }
-        if !g.buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1) {
+        if !g
+            .buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1)
+        {
             return Err(format!("{what}: buckets not ascending and cumulative"));
         }
         match g.buckets.last() {
             Some((le, n)) if le.is_infinite() && Some(*n) == g.count => {}
-            _ => return Err(format!("{what}: +Inf bucket missing or not equal to _count")),
+            _ => {
+                return Err(format!(
+                    "{what}: +Inf bucket missing or not equal to _count"
+                ))
+            }
         }
     }
     Ok(())
@@ -449,7 +471,10 @@ mod tests {
         let e = parse(GOOD).unwrap();
         assert_eq!(e.value("x_total", &[]), Some(3.0));
         assert_eq!(e.value("x_total", &[("b", ""), ("a", "q\"")]), Some(4.0));
-        assert_eq!(e.family("x_total").unwrap().help.as_deref(), Some("Things, \\ and \n."));
+        assert_eq!(
+            e.family("x_total").unwrap().help.as_deref(),
+            Some("Things, \\ and \n.")
+        );
         assert_eq!(e.family("h").unwrap().kind, Kind::Histogram);
         assert_eq!(e.value("h_count", &[]), Some(2.0));
         assert_eq!(e.value("g", &[]), Some(-1500.0));
@@ -502,7 +527,10 @@ mod tests {
         for workers in [vec![(0, s.clone())], vec![(0, s.clone()), (1, s)]] {
             let text = render(&workers);
             let e = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-            assert_eq!(e.value("reactor_events_per_wakeup_sum", &[]), Some(7.0 * workers.len() as f64));
+            assert_eq!(
+                e.value("reactor_events_per_wakeup_sum", &[]),
+                Some(7.0 * workers.len() as f64)
+            );
         }
     }
 }

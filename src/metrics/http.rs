@@ -374,7 +374,10 @@ mod tests {
         fn a_half_request_is_incomplete_and_garbage_is_bad() {
             assert_eq!(parse(b"GET /metr"), Parsed::Incomplete);
             assert_eq!(parse(b""), Parsed::Incomplete);
-            assert_eq!(parse(b"\x00\x01\x02 nonsense\r\n\r\n"), Parsed::Error(Status::BadRequest));
+            assert_eq!(
+                parse(b"\x00\x01\x02 nonsense\r\n\r\n"),
+                Parsed::Error(Status::BadRequest)
+            );
         }
 
         #[test]

@@ -38,7 +38,11 @@ pub fn render(workers: &[(usize, Snapshot)]) -> String {
     }
     let mut series = vec![(None, total)];
     if workers.len() > 1 {
-        series.extend(workers.iter().map(|(w, s)| (Some(w.to_string()), s.clone())));
+        series.extend(
+            workers
+                .iter()
+                .map(|(w, s)| (Some(w.to_string()), s.clone())),
+        );
     }
     let mut registry = Registry::with_prefix("reactor");
     registry.register_collector(Box::new(Snapshots(series)));
@@ -87,6 +91,11 @@ const FAMILIES: &[Family] = &[
         name: "bytes_sent",
         help: "Bytes written to clients (TCP, Unix and UDP).",
         kind: Kind::Counter(|s| s.bytes_sent),
+    },
+    Family {
+        name: "reads",
+        help: "Reads that returned data (one per message in ping-pong echo).",
+        kind: Kind::Counter(|s| s.reads),
     },
     Family {
         name: "queued_bytes",
@@ -174,7 +183,10 @@ impl Collector for Snapshots {
             MetricType::Counter,
         )?;
         for (direction, get) in [
-            ("received", (|s: &Snapshot| s.udp_received) as fn(&Snapshot) -> u64),
+            (
+                "received",
+                (|s: &Snapshot| s.udp_received) as fn(&Snapshot) -> u64,
+            ),
             ("sent", |s: &Snapshot| s.udp_sent),
         ] {
             self.each(&mut m, &[("direction", direction)], |m, s| {

@@ -88,6 +88,9 @@ pub struct Snapshot {
     pub bytes_received: u64,
     /// Bytes written to clients.
     pub bytes_sent: u64,
+    /// Reads (and datagrams) that returned data: in ping-pong echo, one
+    /// per message, so `reactor top` shows it as msgs/s.
+    pub reads: u64,
     /// Gauge: bytes waiting in the server's output queues.
     pub queued_bytes: u64,
     /// Gauge: connections not read from because their output is full.
@@ -146,6 +149,7 @@ impl Snapshot {
         each(&mut self.closed, &other.closed);
         self.bytes_received += other.bytes_received;
         self.bytes_sent += other.bytes_sent;
+        self.reads += other.reads;
         self.queued_bytes += other.queued_bytes;
         self.paused_connections += other.paused_connections;
         self.ready_list += other.ready_list;
@@ -182,7 +186,10 @@ mod tests {
             let bound = EVENT_BUCKETS[i];
             if n as u64 <= *EVENT_BUCKETS.last().unwrap() {
                 assert!(n as u64 <= bound, "{n} in le={bound}");
-                assert!(i == 0 || n as u64 > EVENT_BUCKETS[i - 1], "{n} not in le={bound}");
+                assert!(
+                    i == 0 || n as u64 > EVENT_BUCKETS[i - 1],
+                    "{n} not in le={bound}"
+                );
             } else {
                 assert_eq!(i, EVENT_BUCKETS.len() - 1, "overflow clamps to the last");
             }
@@ -206,7 +213,10 @@ mod tests {
         assert_eq!(a.events_per_wakeup[0], 1);
         assert_eq!(a.closed[CloseReason::Idle as usize], 2);
         assert_eq!(a.closed_total(), 2);
-        assert_eq!((a.bytes_sent, a.connections_active, a.udp_received), (20, 4, 7));
+        assert_eq!(
+            (a.bytes_sent, a.connections_active, a.udp_received),
+            (20, 4, 7)
+        );
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct Config {
     /// Set in a worker process: its index. Its listeners then join the
     /// port's `SO_REUSEPORT` group instead of owning the port.
     pub worker: Option<usize>,
+    /// Serve Prometheus metrics here (`--metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -128,6 +130,7 @@ impl Default for Config {
             engine: Engine::Reactor,
             workers: 1,
             worker: None,
+            metrics: None,
         }
     }
 }

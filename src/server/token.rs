@@ -162,7 +162,10 @@ mod tests {
             assert_eq!(connection_key(t), None, "never routed to a connection");
             assert!(t.0 >= FIRST_CONNECTION);
         }
-        assert_eq!(metrics_client_key(connection_token(3, GENERATION_MASK)), None);
+        assert_eq!(
+            metrics_client_key(connection_token(3, GENERATION_MASK)),
+            None
+        );
         assert_eq!(metrics_client_key(METRICS), None);
         assert_eq!(
             TokenName(metrics_client_token(2, 5)).to_string(),
