@@ -326,9 +326,7 @@ fn value(s: &str) -> Result<f64, String> {
 
 /// `name{k="v",...} value [timestamp]`
 fn sample(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(|c: char| c == '{' || c == ' ')
-        .ok_or("a sample needs a value")?;
+    let name_end = line.find(['{', ' ']).ok_or("a sample needs a value")?;
     let name = &line[..name_end];
     check_name(name)?;
     let mut rest = &line[name_end..];
@@ -388,7 +386,7 @@ fn check_family(f: &Family) -> Result<(), String> {
                 if s.name != f.name {
                     return Err(format!("{} in counter family {}", s.name, f.name));
                 }
-                if !(s.value >= 0.0) {
+                if s.value.is_nan() || s.value < 0.0 {
                     return Err(format!("counter {} is {}", s.name, s.value));
                 }
             }

@@ -70,12 +70,10 @@ pub fn metrics_client_token(key: usize, generation: u32) -> Token {
 /// The key and generation in a metrics client's token; `None` for any
 /// other token.
 pub fn metrics_client_key(token: Token) -> Option<(usize, u32)> {
-    (token.0 & METRICS_CLIENT != 0).then(|| {
-        (
-            token.0 & 0xffff_ffff,
-            ((token.0 & !METRICS_CLIENT) >> 32) as u32,
-        )
-    })
+    (token.0 & METRICS_CLIENT != 0).then_some((
+        token.0 & 0xffff_ffff,
+        ((token.0 & !METRICS_CLIENT) >> 32) as u32,
+    ))
 }
 
 /// The generation after `g`, wrapping within the bits a token carries.
