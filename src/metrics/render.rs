@@ -171,10 +171,13 @@ impl Collector for Snapshots {
             MetricType::Counter,
         )?;
         for reason in CloseReason::ALL {
-            self.each(&mut m, &[("reason", reason.label())], |m, s| {
+            self.each(&mut m, &[("reason", reason.as_str())], |m, s| {
                 ConstCounter::new(s.closed[reason as usize]).encode(m)
             })?;
         }
+        self.each(&mut m, &[("reason", "rejected")], |m, s| {
+            ConstCounter::new(s.rejected).encode(m)
+        })?;
 
         let mut m = encoder.encode_descriptor(
             "udp_datagrams",
@@ -295,8 +298,8 @@ mod tests {
             udp_sent: 4,
             ..Snapshot::default()
         };
-        s.count_close(CloseReason::Eof);
-        s.count_close(CloseReason::Rejected);
+        s.count_close(CloseReason::Done);
+        s.rejected = 1;
         s.count_wakeup(1);
         s.count_wakeup(3);
         s
@@ -336,7 +339,7 @@ mod tests {
         assert!(text.contains("\nreactor_connections_accepted_total 10\n"));
         assert!(text.contains("reactor_connections_accepted_total{worker=\"0\"} 5\n"));
         assert!(text.contains("reactor_connections_accepted_total{worker=\"1\"} 5\n"));
-        assert!(text.contains("reactor_connections_closed_total{worker=\"1\",reason=\"eof\"} 1\n"));
+        assert!(text.contains("reactor_connections_closed_total{worker=\"1\",reason=\"done\"} 1\n"));
         assert!(text.contains("reactor_events_per_wakeup_count{worker=\"0\"} 2\n"));
         assert!(text.contains("\nreactor_events_per_wakeup_count 4\n"));
         assert!(!render(&[(0, sample())]).contains("worker"));

@@ -10,52 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Why a connection was closed: the `reason` label of
-/// `reactor_connections_closed_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The peer closed its side and everything owed to it was sent.
-    Eof,
-    /// A read or write failed (reset, broken pipe, ...).
-    Error,
-    /// `--idle-timeout` passed with nothing received.
-    Idle,
-    /// Chat: its queued output passed `--max-buffer` (or the memory cap).
-    SlowConsumer,
-    /// `--max-connections` was reached: accepted and closed at once.
-    Rejected,
-    /// Chat: closed by the server after `/quit`, a too-long line or a
-    /// rejection, once the lingering discard ended.
-    Linger,
-    /// Still open when graceful shutdown ended.
-    Shutdown,
-}
-
-impl CloseReason {
-    /// Every reason, in the order of [`Snapshot::closed`].
-    pub const ALL: [CloseReason; 7] = [
-        CloseReason::Eof,
-        CloseReason::Error,
-        CloseReason::Idle,
-        CloseReason::SlowConsumer,
-        CloseReason::Rejected,
-        CloseReason::Linger,
-        CloseReason::Shutdown,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            CloseReason::Eof => "eof",
-            CloseReason::Error => "error",
-            CloseReason::Idle => "idle",
-            CloseReason::SlowConsumer => "slow_consumer",
-            CloseReason::Rejected => "rejected",
-            CloseReason::Linger => "linger",
-            CloseReason::Shutdown => "shutdown",
-        }
-    }
-}
+pub use crate::server::connection::CloseReason;
 
 /// Upper bounds (`le`) of the events-per-wake-up histogram: 0, then powers
 /// of two up to 1024 (the most events one `poll` returns). The `+Inf`
@@ -83,7 +38,10 @@ pub struct Snapshot {
     /// Connections accepted (rejected ones included).
     pub connections_accepted: u64,
     /// Connections closed, indexed like [`CloseReason::ALL`].
-    pub closed: [u64; 7],
+    pub closed: [u64; CloseReason::ALL.len()],
+    /// Connections accepted and closed at once at `--max-connections`
+    /// (shown as `reason="rejected"`).
+    pub rejected: u64,
     /// Bytes read from clients (TCP, Unix and UDP).
     pub bytes_received: u64,
     /// Bytes written to clients.
@@ -131,9 +89,9 @@ impl Snapshot {
         self.events_per_wakeup[event_bucket(events)] += 1;
     }
 
-    /// Connections closed for any reason.
+    /// Connections closed for any reason, rejected ones included.
     pub fn closed_total(&self) -> u64 {
-        self.closed.iter().sum()
+        self.closed.iter().sum::<u64>() + self.rejected
     }
 
     /// Adds `other` into `self`: counters, gauges and buckets alike, which
@@ -147,6 +105,7 @@ impl Snapshot {
         self.connections_active += other.connections_active;
         self.connections_accepted += other.connections_accepted;
         each(&mut self.closed, &other.closed);
+        self.rejected += other.rejected;
         self.bytes_received += other.bytes_received;
         self.bytes_sent += other.bytes_sent;
         self.reads += other.reads;
@@ -201,6 +160,7 @@ mod tests {
         let mut a = Snapshot::default();
         a.count_wakeup(3);
         a.count_close(CloseReason::Idle);
+        a.rejected = 1;
         a.bytes_sent = 10;
         a.connections_active = 2;
         let mut b = a.clone();
@@ -212,7 +172,7 @@ mod tests {
         assert_eq!(a.events_per_wakeup[event_bucket(3)], 2);
         assert_eq!(a.events_per_wakeup[0], 1);
         assert_eq!(a.closed[CloseReason::Idle as usize], 2);
-        assert_eq!(a.closed_total(), 2);
+        assert_eq!(a.closed_total(), 4);
         assert_eq!(
             (a.bytes_sent, a.connections_active, a.udp_received),
             (20, 4, 7)
@@ -223,7 +183,7 @@ mod tests {
     fn a_snapshot_survives_one_json_line() {
         let mut s = Snapshot::default();
         s.count_wakeup(1000);
-        s.count_close(CloseReason::Shutdown);
+        s.count_close(CloseReason::LingerOver);
         s.busy_nanos = u64::MAX;
         let line = s.to_json_line();
         assert!(!line.contains('\n'));

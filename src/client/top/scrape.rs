@@ -178,7 +178,7 @@ mod tests {
             ..Snapshot::default()
         };
         a.count_wakeup(3);
-        a.count_close(crate::metrics::CloseReason::Eof);
+        a.count_close(crate::metrics::CloseReason::Done);
         a.count_close(crate::metrics::CloseReason::Idle);
         let text = render(&[(0, a.clone()), (1, a.clone())]);
         let r = reading(&exposition::parse(&text).unwrap()).unwrap();
