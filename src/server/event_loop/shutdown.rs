@@ -42,6 +42,9 @@ impl<P: Protocol> EventLoop<P> {
         if let Some(mut u) = self.udp.take() {
             let _ = u.deregister(self.poll.registry());
         }
+        if let Some(mut m) = self.metrics.take() {
+            m.close_all(self.poll.registry());
+        }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.conns[key].state.shutdown();

@@ -25,6 +25,7 @@ impl<P: Protocol> EventLoop<P> {
             self.next_stats,
             accept_retry,
             self.shutdown_deadline,
+            self.metrics.as_ref().and_then(|m| m.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -49,6 +50,9 @@ impl<P: Protocol> EventLoop<P> {
                 log::info!("{}", self.stats);
                 self.next_stats = Some(self.now + every.as_millis() as u64);
             }
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            m.expire(self.poll.registry(), self.now);
         }
         let idle = self.config.idle_timeout.map(|d| d.as_millis() as u64);
         let linger = LINGER.as_millis() as u64;
