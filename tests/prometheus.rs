@@ -45,7 +45,12 @@ impl Prometheus {
         {
             return Err("prometheus is not installed".into());
         }
-        let dir = std::env::temp_dir().join(format!("reactor-prometheus-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "reactor-prometheus-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("data")).map_err(|e| e.to_string())?;
         let config = format!(
@@ -201,4 +206,64 @@ fn prometheus_scrapes_the_endpoint_and_sees_a_counter_move() {
             .query("histogram_quantile(0.5, rate(reactor_events_per_wakeup_bucket[5s]))")
             .is_some_and(|q| q.is_finite())
     });
+}
+
+/// The Grafana dashboard's queries, with Grafana's `$__rate_interval`
+/// filled in.
+fn dashboard_queries() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana-dashboard.json");
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| {
+            t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "10s")
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_asks_only_for_series_the_endpoint_has() {
+    let (_server, metrics) = start_with_metrics(&[]);
+    let e = scrape(metrics);
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 10);
+    for q in &queries {
+        // Every reactor_* name in the query, less a histogram suffix, is
+        // a family of the exposition.
+        for name in q
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("reactor_"))
+        {
+            assert!(
+                e.samples(name).next().is_some(),
+                "the dashboard asks for {name}, which the endpoint does not have: {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prometheus_accepts_every_dashboard_query() {
+    let (_server, metrics) = start_with_metrics(&[]);
+    let prometheus = match Prometheus::start(metrics) {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+    prometheus.eventually("up == 1", || {
+        prometheus.query("up{job=\"reactor\"}") == Some(1.0)
+    });
+    for q in dashboard_queries() {
+        // `query` asserts the API said "success": the query parses and runs.
+        prometheus.query(&q);
+    }
 }
