@@ -335,59 +335,111 @@ impl Endpoint {
     }
 }
 
+/// Token of the standalone loop's waker (its only other token).
+const STANDALONE_STOP: Token = Token(5);
+
+/// An endpoint on a poll loop of its own, on its own thread: for a
+/// process with no event loop to share, such as the `--workers`
+/// supervisor, which serves the sum of its workers' snapshots
+/// ([`super::render`] with one pair per worker). Stopped on drop.
+pub struct Standalone {
+    addr: SocketAddr,
+    waker: std::sync::Arc<mio::Waker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Standalone {
+    /// Serves `listener` on a new thread; `metrics` renders each scrape.
+    pub fn spawn(
+        listener: std::net::TcpListener,
+        mut metrics: impl FnMut() -> String + Send + 'static,
+    ) -> io::Result<Standalone> {
+        Self::spawn_with_timeout(listener, TIMEOUT, move || metrics())
+    }
+
+    /// [`Standalone::spawn`] with another request deadline (tests).
+    pub fn spawn_with_timeout(
+        listener: std::net::TcpListener,
+        timeout: Duration,
+        mut metrics: impl FnMut() -> String + Send + 'static,
+    ) -> io::Result<Standalone> {
+        let addr = listener.local_addr()?;
+        let mut poll = mio::Poll::new()?;
+        let mut endpoint = Endpoint::new(listener, poll.registry())?;
+        endpoint.set_timeout(timeout);
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), STANDALONE_STOP)?);
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                let mut events = mio::Events::with_capacity(64);
+                let started = std::time::Instant::now();
+                loop {
+                    let timeout = endpoint.next_deadline().map(|at| {
+                        let now = started.elapsed().as_millis() as u64;
+                        Duration::from_millis(at.saturating_sub(now) + 1)
+                    });
+                    match poll.poll(&mut events, timeout) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("metrics endpoint: poll failed: {e}");
+                            return;
+                        }
+                    }
+                    let now = started.elapsed().as_millis() as u64;
+                    for event in events.iter() {
+                        if event.token() == STANDALONE_STOP {
+                            endpoint.close_all(poll.registry());
+                            return;
+                        }
+                        endpoint.on_event(poll.registry(), event.token(), now, &mut metrics);
+                    }
+                    endpoint.expire(poll.registry(), now);
+                }
+            })?;
+        Ok(Standalone {
+            addr,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    //! The endpoint alone on a small poll loop of its own, talked to over
-    //! loopback with blocking sockets, as a scraper would.
+    //! The endpoint alone on its own poll loop ([`Standalone`]), talked
+    //! to over loopback with blocking sockets, as a scraper would.
     use super::*;
     use std::io::{BufRead, BufReader};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use std::thread;
     use std::time::Instant;
 
     struct Running {
         addr: SocketAddr,
-        stop: Arc<AtomicBool>,
-        thread: Option<thread::JoinHandle<()>>,
-    }
-
-    impl Drop for Running {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::SeqCst);
-            if let Some(t) = self.thread.take() {
-                t.join().unwrap();
-            }
-        }
+        _endpoint: Standalone,
     }
 
     fn start(timeout: Duration, body: String) -> Running {
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut poll = mio::Poll::new().unwrap();
-            let mut ep = Endpoint::new(listener, poll.registry()).unwrap();
-            ep.set_timeout(timeout);
-            let mut events = mio::Events::with_capacity(64);
-            let started = Instant::now();
-            while !stopping.load(Ordering::SeqCst) {
-                poll.poll(&mut events, Some(Duration::from_millis(20)))
-                    .unwrap();
-                let now = started.elapsed().as_millis() as u64;
-                for e in events.iter() {
-                    assert!(Endpoint::owns(e.token()));
-                    ep.on_event(poll.registry(), e.token(), now, &mut || body.clone());
-                }
-                ep.expire(poll.registry(), now);
-                assert!(ep.clients() <= MAX_CLIENTS);
-            }
-        });
+        let endpoint =
+            Standalone::spawn_with_timeout(listener, timeout, move || body.clone()).unwrap();
         Running {
-            addr,
-            stop,
-            thread: Some(thread),
+            addr: endpoint.local_addr(),
+            _endpoint: endpoint,
         }
     }
 
