@@ -4,8 +4,8 @@
 //! # Module map, in reading order
 //!
 //! Imports only run down this list's layers: [`cli`] uses [`server`] and
-//! [`client`]; those use [`protocol`], [`buffer`] and [`net`]; the client
-//! tools never import the server. `docs/ARCHITECTURE.md` walks the files.
+//! [`client`]; those use [`metrics`], [`protocol`], [`buffer`] and
+//! [`net`]; the client tools never import the server. `docs/ARCHITECTURE.md` walks the files.
 //!
 //! 1. [`net`]: socket plumbing under everything: one stream type for TCP
 //!    and Unix ([`net::stream`]), the `WouldBlock`/`Interrupted` rules
@@ -26,9 +26,12 @@
 //!    broadcast, timers, shutdown), `timer`, `udp`, `listen`, and
 //!    `threads` (one thread per client, for comparison);
 //!    [`server::supervisor`] runs N worker processes on one port.
-//! 5. [`client`]: `reactor connect` and `reactor load` (past one process:
-//!    [`client::load::processes`], [`client::load::merge`]).
-//! 6. [`cli`]: every clap definition, turned into the plain configurations
+//! 5. [`metrics`]: the loop's counters as a plain summable snapshot, the
+//!    Prometheus endpoint the event loop serves (sans-I/O HTTP on a small
+//!    `Poll` of its own), and a strict parser of the text format.
+//! 6. [`client`]: `reactor connect`, `reactor load` (past one process:
+//!    [`client::load::processes`], [`client::load::merge`]) and `reactor top`.
+//! 7. [`cli`]: every clap definition, turned into the plain configurations
 //!    above; shared by the binary and its tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
