@@ -129,7 +129,7 @@ impl Endpoint {
         metrics: &mut dyn FnMut() -> String,
     ) {
         if token == METRICS {
-            self.accept(registry, now);
+            self.accept(registry, now, metrics);
             return;
         }
         let Some((key, generation)) = metrics_client_key(token) else {
@@ -173,7 +173,7 @@ impl Endpoint {
         }
     }
 
-    fn accept(&mut self, registry: &Registry, now: u64) {
+    fn accept(&mut self, registry: &Registry, now: u64, metrics: &mut dyn FnMut() -> String) {
         for _ in 0..ACCEPT_BUDGET {
             // Drain the backlog: the next client raises a new edge only
             // once this one is taken.
@@ -209,6 +209,12 @@ impl Endpoint {
                 lingering: false,
             });
             log::debug!("[{}] open", TokenName(token));
+            // The request usually follows the handshake at once and may
+            // be waiting already: reading now saves a turn of the loop
+            // (its edge, if it came before we registered, is not lost:
+            // registering an edge-triggered socket that is readable
+            // reports it, but only on the next poll).
+            self.drive(registry, key, now, metrics);
         }
         // Budget spent: more than MAX_CLIENTS connecting in one go is not
         // a scraper. The rest wait for the next connect's edge.
@@ -352,9 +358,9 @@ impl Standalone {
     /// Serves `listener` on a new thread; `metrics` renders each scrape.
     pub fn spawn(
         listener: std::net::TcpListener,
-        mut metrics: impl FnMut() -> String + Send + 'static,
+        metrics: impl FnMut() -> String + Send + 'static,
     ) -> io::Result<Standalone> {
-        Self::spawn_with_timeout(listener, TIMEOUT, move || metrics())
+        Self::spawn_with_timeout(listener, TIMEOUT, metrics)
     }
 
     /// [`Standalone::spawn`] with another request deadline (tests).

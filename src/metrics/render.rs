@@ -354,3 +354,23 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod cost {
+    /// `cargo test --release --lib render_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn render_cost() {
+        let s = super::Snapshot::default();
+        let t = std::time::Instant::now();
+        let n = 20_000;
+        let mut len = 0;
+        for _ in 0..n {
+            len += super::render(&[(0, s.clone())]).len();
+        }
+        println!(
+            "render: {:.1} µs each ({len})",
+            t.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    }
+}
