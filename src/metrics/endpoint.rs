@@ -1,12 +1,16 @@
 //! The metrics endpoint's sockets: a listener and a few HTTP clients,
 //! served by the server's own event loop.
 //!
-//! The loop owns one `Poll`; this module owns the tokens it routes here:
-//! [`METRICS`] for the listener and, for each client, a token from
-//! [`metrics_client_token`] (bit 63 set, a key into this module's own
-//! small slab, and a generation, so an event left over for a closed
-//! client is ignored rather than handed to the next one).
-//! [`Endpoint::owns`] tells the loop which tokens those are.
+//! They live on a small `mio::Poll` of their own, which the loop
+//! registers in its `Poll` as one more source under [`METRICS`] (epoll
+//! can watch an epoll descriptor like a socket), and which the loop also
+//! looks at once per millisecond of its time ([`Endpoint::serve`]); the
+//! loop's `metrics.rs` says why a scrape must not queue behind every
+//! busy client in epoll's ready list. On that `Poll`, the listener is
+//! [`METRICS`] and each client has a token from [`metrics_client_token`]
+//! (bit 63 set, a key into this module's own small slab, and a
+//! generation, so an event left over for a closed client is ignored
+//! rather than handed to the next one).
 //!
 //! Every rule of the main server applies, in miniature:
 //! - edge-triggered: each event is handled until `WouldBlock` (accepts,
@@ -36,7 +40,10 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
@@ -67,8 +74,17 @@ struct Client {
     lingering: bool,
 }
 
-/// The metrics listener and its clients.
+/// The metrics endpoint: its own small `Poll` (see the module docs),
+/// the listener and its clients.
 pub struct Endpoint {
+    poll: mio::Poll,
+    /// Kept between calls; taken out while its events are handled.
+    events: Option<mio::Events>,
+    inner: Clients,
+}
+
+/// The listener and its clients, on the endpoint's own `Poll`.
+struct Clients {
     listener: TcpListener,
     clients: Slab<Client>,
     next_generation: u32,
@@ -84,44 +100,105 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 impl Endpoint {
-    /// Takes the bound listener and registers it with `registry` under
-    /// [`METRICS`].
-    pub fn new(listener: std::net::TcpListener, registry: &Registry) -> io::Result<Self> {
+    /// Takes the bound listener and registers it with the endpoint's own
+    /// `Poll`; [`Endpoint::register`] then hooks that `Poll` into the
+    /// server's.
+    pub fn new(listener: std::net::TcpListener) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
-        registry.register(&mut listener, METRICS, Interest::READABLE)?;
+        let poll = mio::Poll::new()?;
+        poll.registry()
+            .register(&mut listener, METRICS, Interest::READABLE)?;
         Ok(Endpoint {
-            listener,
-            clients: Slab::with_capacity(MAX_CLIENTS),
-            next_generation: 0,
-            timeout: TIMEOUT,
-            scratch: vec![0; MAX_REQUEST].into_boxed_slice(),
+            poll,
+            events: Some(mio::Events::with_capacity(MAX_CLIENTS * 2)),
+            inner: Clients {
+                listener,
+                clients: Slab::with_capacity(MAX_CLIENTS),
+                next_generation: 0,
+                timeout: TIMEOUT,
+                scratch: vec![0; MAX_REQUEST].into_boxed_slice(),
+            },
         })
+    }
+
+    /// Registers the endpoint's `Poll` (an epoll descriptor, which epoll
+    /// can watch like a socket) in `outer` under `token`: an idle server
+    /// wakes up for a scrape.
+    pub fn register(&self, outer: &Registry, token: Token) -> io::Result<()> {
+        let fd = self.poll.as_raw_fd();
+        outer.register(&mut SourceFd(&fd), token, Interest::READABLE)
+    }
+
+    /// Undoes [`Endpoint::register`].
+    pub fn deregister(&self, outer: &Registry) -> io::Result<()> {
+        let fd = self.poll.as_raw_fd();
+        outer.deregister(&mut SourceFd(&fd))
     }
 
     /// Changes the request deadline from [`TIMEOUT`] (tests).
     pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+        self.inner.timeout = timeout;
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Whether `token` is the endpoint's: its listener or one of its clients.
-    pub fn owns(token: Token) -> bool {
-        token == METRICS || metrics_client_key(token).is_some()
+        self.inner.listener.local_addr()
     }
 
     /// Clients connected now.
     pub fn clients(&self) -> usize {
-        self.clients.len()
+        self.inner.clients.len()
     }
 
-    /// Handles an event for one of the endpoint's tokens. `now` is the
-    /// loop's clock in ms; `metrics` renders the exposition.
-    pub fn on_event(
+    /// Handles whatever is ready on the endpoint's sockets, without
+    /// waiting. `now` is the loop's clock in ms; `metrics` renders the
+    /// exposition when a `GET /metrics` asks for it.
+    pub fn serve(&mut self, now: u64, metrics: &mut dyn FnMut() -> String) {
+        let Some(mut events) = self.events.take() else {
+            return;
+        };
+        loop {
+            match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("metrics endpoint: poll failed: {e}");
+                    break;
+                }
+            }
+            let mut n = 0;
+            for event in events.iter() {
+                n += 1;
+                self.inner
+                    .on_event(self.poll.registry(), event.token(), now, metrics);
+            }
+            // A full batch may have left more behind.
+            if n < events.capacity() {
+                break;
+            }
+        }
+        self.events = Some(events);
+    }
+
+    /// The earliest client deadline, for the loop's poll timeout.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.inner.next_deadline()
+    }
+
+    /// Closes clients past their deadline.
+    pub fn expire(&mut self, now: u64) {
+        self.inner.expire(self.poll.registry(), now);
+    }
+
+    /// Closes every client and stops listening (shutdown).
+    pub fn close_all(&mut self) {
+        self.inner.close_all(self.poll.registry());
+    }
+}
+
+impl Clients {
+    fn on_event(
         &mut self,
         registry: &Registry,
         token: Token,
@@ -142,13 +219,11 @@ impl Endpoint {
         }
     }
 
-    /// The earliest client deadline, for the loop's poll timeout.
-    pub fn next_deadline(&self) -> Option<u64> {
+    fn next_deadline(&self) -> Option<u64> {
         self.clients.iter().map(|(_, c)| c.deadline).min()
     }
 
-    /// Closes clients past their deadline.
-    pub fn expire(&mut self, registry: &Registry, now: u64) {
+    fn expire(&mut self, registry: &Registry, now: u64) {
         // Called on every wake-up: nothing to walk in the common case.
         if self.clients.is_empty() {
             return;
@@ -164,8 +239,7 @@ impl Endpoint {
         }
     }
 
-    /// Closes every client and stops listening (shutdown).
-    pub fn close_all(&mut self, registry: &Registry) {
+    fn close_all(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.listener);
         let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
         for key in keys {
@@ -371,13 +445,14 @@ impl Standalone {
     ) -> io::Result<Standalone> {
         let addr = listener.local_addr()?;
         let mut poll = mio::Poll::new()?;
-        let mut endpoint = Endpoint::new(listener, poll.registry())?;
+        let mut endpoint = Endpoint::new(listener)?;
         endpoint.set_timeout(timeout);
+        endpoint.register(poll.registry(), METRICS)?;
         let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), STANDALONE_STOP)?);
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
-                let mut events = mio::Events::with_capacity(64);
+                let mut events = mio::Events::with_capacity(8);
                 let started = std::time::Instant::now();
                 loop {
                     let timeout = endpoint.next_deadline().map(|at| {
@@ -392,15 +467,13 @@ impl Standalone {
                             return;
                         }
                     }
-                    let now = started.elapsed().as_millis() as u64;
-                    for event in events.iter() {
-                        if event.token() == STANDALONE_STOP {
-                            endpoint.close_all(poll.registry());
-                            return;
-                        }
-                        endpoint.on_event(poll.registry(), event.token(), now, &mut metrics);
+                    if events.iter().any(|e| e.token() == STANDALONE_STOP) {
+                        endpoint.close_all();
+                        return;
                     }
-                    endpoint.expire(poll.registry(), now);
+                    let now = started.elapsed().as_millis() as u64;
+                    endpoint.serve(now, &mut metrics);
+                    endpoint.expire(now);
                 }
             })?;
         Ok(Standalone {

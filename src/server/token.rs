@@ -8,8 +8,8 @@
 //!   1  LISTENER_UNIX    4  METRICS (the metrics listener)
 //!   2  UDP              5  STOP        6..15 free for the server's own
 //!  16.. connections:  slab key + 16 in the low 32 bits, generation above
-//!  bit 63 set: a metrics client (HTTP), its own small slab's key in the
-//!         low 32 bits, generation above
+//!  bit 63 set: a metrics client (HTTP), on the metrics endpoint's own
+//!         Poll: its small slab's key in the low 32 bits, generation above
 //! ```
 //!
 //! A connection closed while one event of a batch is handled frees its

@@ -4,7 +4,7 @@
 //! Every interval it scrapes `GET /metrics` ([`scrape`]), turns the
 //! difference from the previous scrape into rates ([`view::rates`]), and
 //! draws them with ratatui ([`view::draw`]): connections and their rate,
-//! msgs/s, bytes/s, how busy the loop is, how many events each wake-up
+//! reads/s (msgs/s in ping-pong), bytes/s, how busy the loop is, how many events each wake-up
 //! brings (as a small histogram), back-pressure, and one row per worker.
 //! The endpoint is the only source: `top` works against any reactor
 //! started with `--metrics`, local or not.

@@ -160,7 +160,7 @@ pub fn draw(frame: &mut Frame, screen: &Screen) {
             Line::from(vec![
                 Span::styled("traffic      ", bold),
                 Span::raw(format!(
-                    "{} msgs/s (reads)   in {}B/s   out {}B/s",
+                    "{} reads/s (= msgs/s in ping-pong)   in {}B/s   out {}B/s",
                     si(t.reads),
                     si(t.bytes_in),
                     si(t.bytes_out)
@@ -239,7 +239,8 @@ fn draw_workers(frame: &mut Frame, area: Rect, screen: &Screen) {
         }
     }
     let header = Row::new([
-        "worker", "conns", "msgs/s", "in B/s", "out B/s", "busy %", "ev/wake", "paused", "queued B",
+        "worker", "conns", "reads/s", "in B/s", "out B/s", "busy %", "ev/wake", "paused",
+        "queued B",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
     let widths = [Constraint::Length(8); 9];

@@ -159,8 +159,11 @@ pub(crate) struct EventLoop<P: Protocol> {
     tcp: Option<mio::net::TcpListener>,
     unix: Option<(mio::net::UnixListener, SocketFile)>,
     udp: Option<UdpEcho>,
-    /// The `--metrics` endpoint: its listener and its HTTP clients.
+    /// The `--metrics` endpoint: its listener and its HTTP clients, on a
+    /// `Poll` of their own that is registered here as `METRICS`.
     metrics: Option<Endpoint>,
+    /// The loop time (ms) the endpoint was last served at.
+    metrics_served: u64,
     signals: Signals,
     stop: StopHandle,
     conns: Slab<Connection<P::Session>>,
@@ -240,7 +243,11 @@ impl<P: Protocol> EventLoop<P> {
             None => None,
         };
         let metrics = match metrics {
-            Some(l) => Some(Endpoint::new(l, registry).map_err(io)?),
+            Some(l) => {
+                let m = Endpoint::new(l).map_err(io)?;
+                m.register(registry, METRICS).map_err(io)?;
+                Some(m)
+            }
             None => None,
         };
         let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(io)?;
@@ -255,6 +262,7 @@ impl<P: Protocol> EventLoop<P> {
             unix,
             udp,
             metrics,
+            metrics_served: 0,
             signals,
             stop,
             conns: Slab::new(),
@@ -345,8 +353,7 @@ impl<P: Protocol> EventLoop<P> {
             UDP => self.on_udp(readiness),
             SIGNALS => self.on_signal(),
             STOP => self.on_stop(),
-            METRICS => self.on_metrics(token),
-            t if Endpoint::owns(t) => self.on_metrics(token),
+            METRICS => self.on_metrics(),
             _ => self.on_connection(token, readiness),
         }
     }

@@ -43,7 +43,8 @@ impl<P: Protocol> EventLoop<P> {
             let _ = u.deregister(self.poll.registry());
         }
         if let Some(mut m) = self.metrics.take() {
-            m.close_all(self.poll.registry());
+            let _ = m.deregister(self.poll.registry());
+            m.close_all();
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {

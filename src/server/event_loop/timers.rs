@@ -51,9 +51,7 @@ impl<P: Protocol> EventLoop<P> {
                 self.next_stats = Some(self.now + every.as_millis() as u64);
             }
         }
-        if let Some(m) = self.metrics.as_mut() {
-            m.expire(self.poll.registry(), self.now);
-        }
+        self.serve_metrics_if_due();
         let idle = self.config.idle_timeout.map(|d| d.as_millis() as u64);
         let linger = LINGER.as_millis() as u64;
         while let Some(token) = self.timers.pop_due(self.now) {
