@@ -12,6 +12,9 @@ order, so both sides meet the same machine:
             scrapes a decoy (another REACTOR --metrics, idle, on core 1).
             Both sides pay for the scraper's own CPU on core 1, so the
             ratio is what answering the scrapes costs the measured server.
+  endpoint  REACTOR against REACTOR --metrics, nobody scraping: what the
+            endpoint costs by being there (the loop looks at its Poll once
+            per millisecond).
   scrape-naive  the same without the decoy: no scraper at all on side A
             (what a user would see, the scraper's own CPU included).
   latency   the endpoint's answer time while `reactor load` holds
@@ -233,7 +236,7 @@ def main():
     ap.add_argument("--lat-pipeline", type=int, default=16)
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--out")
-    ap.add_argument("parts", nargs="+", choices=["counters", "scrape", "scrape-naive", "latency", "percost"])
+    ap.add_argument("parts", nargs="+", choices=["counters", "endpoint", "scrape", "scrape-naive", "latency", "percost"])
     a = ap.parse_args()
     results = {"uptime_load_start": os.getloadavg()}
     if "counters" in a.parts:
@@ -247,6 +250,11 @@ def main():
             lambda: one(a.reactor, a.reactor, a, metrics=True, scrape_rate=a.scrape_rate,
                         decoy=True),
             lambda: one(a.reactor, a.reactor, a, metrics=True, scrape_rate=a.scrape_rate))
+    if "endpoint" in a.parts:
+        results["endpoint"] = pairs(
+            "endpoint", a,
+            lambda: one(a.reactor, a.reactor, a),
+            lambda: one(a.reactor, a.reactor, a, metrics=True))
     if "scrape-naive" in a.parts:
         results["scrape_naive"] = pairs(
             "scrape-naive", a,
