@@ -2,15 +2,15 @@
 //! served by the server's own event loop.
 //!
 //! They live on a small `mio::Poll` of their own, which the loop
-//! registers in its `Poll` as one more source under [`METRICS`] (epoll
+//! registers in its `Poll` as one more source (`token::METRICS`; epoll
 //! can watch an epoll descriptor like a socket), and which the loop also
 //! looks at once per millisecond of its time ([`Endpoint::serve`]); the
 //! loop's `metrics.rs` says why a scrape must not queue behind every
-//! busy client in epoll's ready list. On that `Poll`, the listener is
-//! [`METRICS`] and each client has a token from [`metrics_client_token`]
-//! (bit 63 set, a key into this module's own small slab, and a
-//! generation, so an event left over for a closed client is ignored
-//! rather than handed to the next one).
+//! busy client in epoll's ready list. That `Poll` has a token space of
+//! its own: the listener is `Token(0)`, and each client's token
+//! ([`fn client_token`](client_token)) holds a key into this module's own
+//! small slab and a generation, so an event left over for a closed client
+//! is ignored rather than handed to the next one.
 //!
 //! Every rule of the main server applies, in miniature:
 //! - edge-triggered: each event is handled until `WouldBlock` (accepts,
@@ -49,7 +49,34 @@ use slab::Slab;
 
 use super::http::{Exchange, Want, MAX_REQUEST};
 use crate::net::io::attempt;
-use crate::server::token::{metrics_client_key, metrics_client_token, TokenName, METRICS};
+
+/// On the endpoint's own `Poll`: the listener.
+const LISTENER: Token = Token(0);
+
+/// The token of the client at `key` of the endpoint's slab with
+/// `generation`: key + 1 in the low 32 bits (0 is the listener), the
+/// generation above. [`client_key`] is its inverse.
+fn client_token(key: usize, generation: u32) -> Token {
+    Token(((generation as usize) << 32) | ((key + 1) & 0xffff_ffff))
+}
+
+/// The key and generation in a client's token; `None` for the listener.
+fn client_key(token: Token) -> Option<(usize, u32)> {
+    let low = token.0 & 0xffff_ffff;
+    low.checked_sub(1).map(|key| (key, (token.0 >> 32) as u32))
+}
+
+/// A client's token as the logs show it: `metrics client 2#5`.
+struct ClientName(Token);
+
+impl std::fmt::Display for ClientName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match client_key(self.0) {
+            Some((key, generation)) => write!(f, "metrics client {key}#{generation}"),
+            None => f.write_str("metrics listener"),
+        }
+    }
+}
 
 /// Most metrics clients held at once; more are accepted and closed.
 pub const MAX_CLIENTS: usize = 16;
@@ -108,7 +135,7 @@ impl Endpoint {
         let mut listener = TcpListener::from_std(listener);
         let poll = mio::Poll::new()?;
         poll.registry()
-            .register(&mut listener, METRICS, Interest::READABLE)?;
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok(Endpoint {
             poll,
             events: Some(mio::Events::with_capacity(MAX_CLIENTS * 2)),
@@ -205,11 +232,11 @@ impl Clients {
         now: u64,
         metrics: &mut dyn FnMut() -> String,
     ) {
-        if token == METRICS {
+        if token == LISTENER {
             self.accept(registry, now, metrics);
             return;
         }
-        let Some((key, generation)) = metrics_client_key(token) else {
+        let Some((key, generation)) = client_key(token) else {
             return;
         };
         match self.clients.get(key) {
@@ -268,8 +295,8 @@ impl Clients {
             let entry = self.clients.vacant_entry();
             let key = entry.key();
             let generation = self.next_generation;
-            self.next_generation = crate::server::token::next_generation(generation);
-            let token = metrics_client_token(key, generation);
+            self.next_generation = generation.wrapping_add(1);
+            let token = client_token(key, generation);
             if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
                 log::debug!("metrics: cannot register a client: {e}");
                 continue;
@@ -282,7 +309,7 @@ impl Clients {
                 interest: Interest::READABLE,
                 lingering: false,
             });
-            log::debug!("[{}] open", TokenName(token));
+            log::debug!("[{}] open", ClientName(token));
             // The request usually follows the handshake at once and may
             // be waiting already: reading now saves a turn of the loop
             // (its edge, if it came before we registered, is not lost:
@@ -391,7 +418,7 @@ impl Clients {
         }
         match outcome {
             Ok(interest) if interest != c.interest => {
-                let token = metrics_client_token(key, c.generation);
+                let token = client_token(key, c.generation);
                 if let Err(e) = registry.reregister(&mut c.stream, token, interest) {
                     self.close(registry, key, &format!("reregister: {e}"));
                     return;
@@ -410,13 +437,15 @@ impl Clients {
         let _ = registry.deregister(&mut c.stream);
         log::debug!(
             "[{}] closed ({why})",
-            TokenName(metrics_client_token(key, c.generation))
+            ClientName(client_token(key, c.generation))
         );
     }
 }
 
-/// Token of the standalone loop's waker (its only other token).
-const STANDALONE_STOP: Token = Token(5);
+/// The standalone loop's tokens: the endpoint's `Poll`, and the waker
+/// that stops it.
+const STANDALONE_ENDPOINT: Token = Token(0);
+const STANDALONE_STOP: Token = Token(1);
 
 /// An endpoint on a poll loop of its own, on its own thread: for a
 /// process with no event loop to share, such as the `--workers`
@@ -447,7 +476,7 @@ impl Standalone {
         let mut poll = mio::Poll::new()?;
         let mut endpoint = Endpoint::new(listener)?;
         endpoint.set_timeout(timeout);
-        endpoint.register(poll.registry(), METRICS)?;
+        endpoint.register(poll.registry(), STANDALONE_ENDPOINT)?;
         let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), STANDALONE_STOP)?);
         let thread = std::thread::Builder::new()
             .name("metrics".into())
@@ -559,6 +588,25 @@ mod tests {
                 Err(_) => return false,
             }
         }
+    }
+
+    #[test]
+    fn client_tokens_round_trip_and_never_name_the_listener() {
+        for (key, generation) in [(0, 0), (15, u32::MAX), (3, 9)] {
+            let t = client_token(key, generation);
+            assert_ne!(t, LISTENER);
+            assert_eq!(client_key(t), Some((key, generation)));
+        }
+        assert_eq!(client_key(LISTENER), None);
+        assert_ne!(
+            client_token(2, 1),
+            client_token(2, 2),
+            "a reused key gets a new token"
+        );
+        assert_eq!(
+            ClientName(client_token(2, 5)).to_string(),
+            "metrics client 2#5"
+        );
     }
 
     #[test]

@@ -521,7 +521,7 @@ mod tests {
         use crate::metrics::{render, Snapshot};
         let mut s = Snapshot::default();
         s.count_wakeup(7);
-        s.count_close(crate::metrics::CloseReason::Idle);
+        s.closed.insert("idle".into(), 1);
         for workers in [vec![(0, s.clone())], vec![(0, s.clone()), (1, s)]] {
             let text = render(&workers);
             let e = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));

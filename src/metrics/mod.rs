@@ -19,4 +19,4 @@ pub mod render;
 pub mod snapshot;
 
 pub use render::render;
-pub use snapshot::{CloseReason, Snapshot};
+pub use snapshot::Snapshot;

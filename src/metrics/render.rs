@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::snapshot::{CloseReason, Snapshot, EVENT_BUCKETS};
+use super::snapshot::{Snapshot, EVENT_BUCKETS};
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -135,7 +135,7 @@ impl Snapshots {
     fn each(
         &self,
         m: &mut MetricEncoder,
-        extra: &[(&'static str, &'static str)],
+        extra: &[(&'static str, &str)],
         mut write: impl FnMut(MetricEncoder, &Snapshot) -> Result<(), std::fmt::Error>,
     ) -> Result<(), std::fmt::Error> {
         for (worker, s) in &self.0 {
@@ -170,14 +170,19 @@ impl Collector for Snapshots {
             None,
             MetricType::Counter,
         )?;
-        for reason in CloseReason::ALL {
-            self.each(&mut m, &[("reason", reason.as_str())], |m, s| {
-                ConstCounter::new(s.closed[reason as usize]).encode(m)
+        // Every reason any snapshot has, so each worker shows the same set.
+        let mut reasons: Vec<&str> = self
+            .0
+            .iter()
+            .flat_map(|(_, s)| s.closed.keys().map(String::as_str))
+            .collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for reason in reasons {
+            self.each(&mut m, &[("reason", reason)], |m, s| {
+                ConstCounter::new(s.closed.get(reason).copied().unwrap_or(0)).encode(m)
             })?;
         }
-        self.each(&mut m, &[("reason", "rejected")], |m, s| {
-            ConstCounter::new(s.rejected).encode(m)
-        })?;
 
         let mut m = encoder.encode_descriptor(
             "udp_datagrams",
@@ -298,8 +303,8 @@ mod tests {
             udp_sent: 4,
             ..Snapshot::default()
         };
-        s.count_close(CloseReason::Done);
-        s.rejected = 1;
+        s.closed.insert("done".into(), 1);
+        s.closed.insert("rejected".into(), 1);
         s.count_wakeup(1);
         s.count_wakeup(3);
         s

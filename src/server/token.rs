@@ -5,11 +5,9 @@
 //!
 //! ```text
 //!   0  LISTENER_TCP     3  SIGNALS
-//!   1  LISTENER_UNIX    4  METRICS (the metrics listener)
+//!   1  LISTENER_UNIX    4  METRICS (the metrics endpoint's own Poll)
 //!   2  UDP              5  STOP        6..15 free for the server's own
 //!  16.. connections:  slab key + 16 in the low 32 bits, generation above
-//!  bit 63 set: a metrics client (HTTP), on the metrics endpoint's own
-//!         Poll: its small slab's key in the low 32 bits, generation above
 //! ```
 //!
 //! A connection closed while one event of a batch is handled frees its
@@ -36,9 +34,6 @@ pub const METRICS: Token = Token(4);
 /// The stop handle's `mio::Waker`: another thread asks for a graceful
 /// shutdown (tests that run the server in-process).
 pub const STOP: Token = Token(5);
-/// Set in every metrics client's token: connection generations stop at
-/// 31 bits, so no connection token has it.
-const METRICS_CLIENT: usize = 1 << 63;
 /// Tokens below this are the server's own sockets; connections start here.
 const FIRST_CONNECTION: usize = 16;
 /// Generations wrap at 31 bits, so a connection token never collides with
@@ -54,26 +49,8 @@ pub fn connection_token(key: usize, generation: u32) -> Token {
 /// The slab key and generation in a connection token; `None` for the
 /// server's own tokens.
 pub fn connection_key(token: Token) -> Option<(usize, u32)> {
-    if token.0 & METRICS_CLIENT != 0 {
-        return None;
-    }
     let low = token.0 & 0xffff_ffff;
     (low >= FIRST_CONNECTION).then(|| (low - FIRST_CONNECTION, (token.0 >> 32) as u32))
-}
-
-/// The token of the metrics client at key `key` of the endpoint's own
-/// slab, with `generation`; [`metrics_client_key`] is its inverse.
-pub fn metrics_client_token(key: usize, generation: u32) -> Token {
-    Token(METRICS_CLIENT | (((generation & GENERATION_MASK) as usize) << 32) | (key & 0xffff_ffff))
-}
-
-/// The key and generation in a metrics client's token; `None` for any
-/// other token.
-pub fn metrics_client_key(token: Token) -> Option<(usize, u32)> {
-    (token.0 & METRICS_CLIENT != 0).then_some((
-        token.0 & 0xffff_ffff,
-        ((token.0 & !METRICS_CLIENT) >> 32) as u32,
-    ))
 }
 
 /// The generation after `g`, wrapping within the bits a token carries.
@@ -94,10 +71,9 @@ impl fmt::Display for TokenName {
             SIGNALS => f.write_str("signals"),
             METRICS => f.write_str("metrics listener"),
             STOP => f.write_str("stop handle"),
-            t => match (connection_key(t), metrics_client_key(t)) {
-                (Some((key, generation)), _) => write!(f, "conn {key}#{generation}"),
-                (_, Some((key, generation))) => write!(f, "metrics client {key}#{generation}"),
-                _ => write!(f, "token {}", t.0),
+            t => match connection_key(t) {
+                Some((key, generation)) => write!(f, "conn {key}#{generation}"),
+                None => write!(f, "token {}", t.0),
             },
         }
     }
@@ -149,25 +125,6 @@ mod tests {
             connection_token(3, 1),
             connection_token(3, 2),
             "a reused key gets a new token"
-        );
-    }
-
-    #[test]
-    fn metrics_client_tokens_are_neither_connections_nor_fixed() {
-        for (key, generation) in [(0, 0), (15, GENERATION_MASK), (3, 9)] {
-            let t = metrics_client_token(key, generation);
-            assert_eq!(metrics_client_key(t), Some((key, generation)));
-            assert_eq!(connection_key(t), None, "never routed to a connection");
-            assert!(t.0 >= FIRST_CONNECTION);
-        }
-        assert_eq!(
-            metrics_client_key(connection_token(3, GENERATION_MASK)),
-            None
-        );
-        assert_eq!(metrics_client_key(METRICS), None);
-        assert_eq!(
-            TokenName(metrics_client_token(2, 5)).to_string(),
-            "metrics client 2#5"
         );
     }
 

@@ -178,8 +178,8 @@ mod tests {
             ..Snapshot::default()
         };
         a.count_wakeup(3);
-        a.count_close(crate::metrics::CloseReason::Done);
-        a.count_close(crate::metrics::CloseReason::Idle);
+        a.closed.insert("done".into(), 1);
+        a.closed.insert("idle".into(), 1);
         let text = render(&[(0, a.clone()), (1, a.clone())]);
         let r = reading(&exposition::parse(&text).unwrap()).unwrap();
         assert_eq!(r.total.active, 4.0);

@@ -20,7 +20,7 @@
 use super::EventLoop;
 use crate::metrics::{render, Snapshot};
 use crate::protocol::Protocol;
-use crate::server::connection::State;
+use crate::server::connection::{CloseReason, State};
 
 impl<P: Protocol> EventLoop<P> {
     /// The endpoint's `Poll` has events (or it is time to look): serve
@@ -57,8 +57,11 @@ impl<P: Protocol> EventLoop<P> {
         Snapshot {
             connections_active: s.active as u64,
             connections_accepted: s.accepted,
-            closed: s.closed_by,
-            rejected: s.rejected,
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), s.closed_by[*r as usize]))
+                .chain([("rejected".to_string(), s.rejected)])
+                .collect(),
             bytes_received: s.bytes_in,
             bytes_sent: s.bytes_out,
             reads: s.reads + s.udp_in,
