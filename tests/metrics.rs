@@ -235,3 +235,22 @@ fn metrics_with_the_threads_engine_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
 }
+
+#[test]
+fn metrics_with_several_workers_is_refused_for_now() {
+    let out = common::run_bounded(
+        &[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        b"",
+        common::TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
+}

@@ -76,7 +76,7 @@ impl Listeners {
         };
         let metrics =
             match config.metrics {
-                Some(addr) => Some(bind_tcp(addr).map_err(|e| {
+                Some(addr) => Some(bind_tcp(addr, false).map_err(|e| {
                     ServeError::Bind(format!("cannot listen on metrics {addr}: {e}"))
                 })?),
                 None => None,
