@@ -1,4 +1,4 @@
-//! The command line: `reactor [serve] | connect | load`.
+//! The command line: `reactor [serve] | connect | load | top`.
 //!
 //! Every clap definition lives here, and only here: parsing is clap's
 //! (derive), and this module turns the parsed flags into the plain
@@ -17,8 +17,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use serde_json::json;
 
-use crate::client::connect;
 use crate::client::load::{self, chat, message, udp, worker::Target, Options, Plan, Workload};
+use crate::client::{connect, top};
 use crate::server::{self, Config, Engine, Mode, ServeError};
 
 /// A single-threaded mio event-loop server (echo, chat), with an nc-like
@@ -43,6 +43,8 @@ pub enum Command {
     Connect(ConnectArgs),
     /// Load-test a server with many connections, verifying every byte.
     Load(LoadArgs),
+    /// Watch a running server live, from its `--metrics` endpoint.
+    Top(TopArgs),
 }
 
 /// Protocol, as named on the command line.
@@ -136,6 +138,35 @@ pub struct ServeArgs {
     /// Set by the supervisor: run as its worker I.
     #[arg(long, value_name = "I", hide = true)]
     pub worker_index: Option<usize>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics from the same loop.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `reactor top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The server's metrics endpoint (what it was given as `--metrics`).
+    #[arg(default_value = "127.0.0.1:9898")]
+    pub addr: SocketAddr,
+    /// Seconds between scrapes.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = seconds)]
+    pub interval: f64,
+    /// Print one screen as text (two scrapes, one interval apart) and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+impl TopArgs {
+    /// The options these flags describe.
+    pub fn options(&self) -> top::Options {
+        top::Options {
+            addr: self.addr,
+            // Scraping more often than every 50 ms shows only noise.
+            interval: Duration::from_secs_f64(self.interval.max(0.05)),
+            once: self.once,
+        }
+    }
 }
 
 /// `reactor connect`.
@@ -286,6 +317,7 @@ impl ServeArgs {
             stats_interval: secs(self.stats_interval),
             udp: self.udp,
             unix: self.unix.clone(),
+            metrics: self.metrics,
             engine: match self.engine {
                 EngineArg::Reactor => Engine::Reactor,
                 EngineArg::Threads => Engine::Threads,
@@ -512,6 +544,7 @@ pub fn run(cli: Cli) -> ExitCode {
             action: Some(LoadAction::Merge(m)),
             ..
         })) => load::merge::run(&m.files, m.json),
+        Some(Command::Top(args)) => top::run(&args.options()),
         Some(Command::Load(args)) => match args.options() {
             Ok(options) => load::run(options),
             Err(e) => {

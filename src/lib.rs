@@ -4,8 +4,9 @@
 //! # Module map, in reading order
 //!
 //! Imports only run down this list's layers: [`cli`] uses [`server`] and
-//! [`client`]; those use [`protocol`], [`buffer`] and [`net`]; the client
-//! tools never import the server. `docs/ARCHITECTURE.md` walks the files.
+//! [`client`]; those use [`metrics`], [`protocol`], [`buffer`] and
+//! [`net`]; the client tools never import the server, and [`metrics`]
+//! knows nothing of it either (the server fills in its snapshots). `docs/ARCHITECTURE.md` walks the files.
 //!
 //! 1. [`net`]: socket plumbing under everything: one stream type for TCP
 //!    and Unix ([`net::stream`]), the `WouldBlock`/`Interrupted` rules
@@ -18,7 +19,10 @@
 //!    [`protocol::lines`] splits a stream into bounded lines.
 //! 3. [`buffer`]: the bounded output queue a connection keeps only while
 //!    the kernel cannot take more.
-//! 4. [`server`]: configuration, binding, the engines, and [`server::Server`]
+//! 4. [`metrics`]: the loop's counters as a plain summable snapshot, the
+//!    Prometheus endpoint the event loop serves (sans-I/O HTTP on a small
+//!    `Poll` of its own), and a strict parser of the text format.
+//! 5. [`server`]: configuration, binding, the engines, and [`server::Server`]
 //!    to run the reactor in-process. Inside (private, read the source):
 //!    `token` (which token is which socket), `connection` (one client's
 //!    state machine, `state.rs`, and its writes), `event_loop` (the reactor
@@ -26,9 +30,9 @@
 //!    broadcast, timers, shutdown), `timer`, `udp`, `listen`, and
 //!    `threads` (one thread per client, for comparison);
 //!    [`server::supervisor`] runs N worker processes on one port.
-//! 5. [`client`]: `reactor connect` and `reactor load` (past one process:
-//!    [`client::load::processes`], [`client::load::merge`]).
-//! 6. [`cli`]: every clap definition, turned into the plain configurations
+//! 6. [`client`]: `reactor connect`, `reactor load` (past one process:
+//!    [`client::load::processes`], [`client::load::merge`]) and `reactor top`.
+//! 7. [`cli`]: every clap definition, turned into the plain configurations
 //!    above; shared by the binary and its tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -36,6 +40,7 @@
 pub mod buffer;
 pub mod cli;
 pub mod client;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod server;

@@ -52,6 +52,8 @@ pub struct Listeners {
     pub unix: Option<UnixListen>,
     /// The UDP echo socket, with `--udp`.
     pub udp: Option<UdpSocket>,
+    /// The metrics endpoint's listener, with `--metrics`.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -72,12 +74,29 @@ impl Listeners {
             Some(path) => Some(bind_unix(path)?),
             None => None,
         };
-        Ok(Listeners { tcp, unix, udp })
+        let metrics =
+            match config.metrics {
+                Some(addr) => Some(bind_tcp(addr, false).map_err(|e| {
+                    ServeError::Bind(format!("cannot listen on metrics {addr}: {e}"))
+                })?),
+                None => None,
+            };
+        Ok(Listeners {
+            tcp,
+            unix,
+            udp,
+            metrics,
+        })
     }
 
     /// The TCP address actually bound (the real port when 0 was asked).
     pub fn tcp_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+
+    /// The metrics address actually bound, with `--metrics`.
+    pub fn metrics_addr(&self) -> io::Result<Option<SocketAddr>> {
+        self.metrics.as_ref().map(|m| m.local_addr()).transpose()
     }
 
     /// The UDP address actually bound, with `--udp`.

@@ -60,7 +60,12 @@ enum Event {
     /// A line on a worker's stdout.
     Stdout { slot: usize, gen: u64, line: String },
     /// A stats line on a worker's stderr.
-    Stats { slot: usize, gen: u64, stats: Stats },
+    /// (Boxed: `Stats` carries the loop's histogram and is the largest.)
+    Stats {
+        slot: usize,
+        gen: u64,
+        stats: Box<Stats>,
+    },
     /// A worker exited.
     Exited {
         slot: usize,
@@ -355,7 +360,7 @@ impl Supervisor {
                     let _ = tx.send(Event::Stats {
                         slot: i,
                         gen,
-                        stats,
+                        stats: Box::new(stats),
                     });
                 }
             }
@@ -385,7 +390,7 @@ impl Supervisor {
                 }
             }
             Event::Stats { slot, gen, stats } if self.slots[slot].gen == gen => {
-                self.slots[slot].stats = stats
+                self.slots[slot].stats = *stats
             }
             Event::Exited { slot, gen, status } if self.slots[slot].gen == gen => {
                 self.exited(slot, status)

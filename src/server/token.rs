@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!   0  LISTENER_TCP     3  SIGNALS
-//!   1  LISTENER_UNIX    4  METRICS
+//!   1  LISTENER_UNIX    4  METRICS (the metrics endpoint's own Poll)
 //!   2  UDP              5  STOP        6..15 free for the server's own
 //!  16.. connections:  slab key + 16 in the low 32 bits, generation above
 //! ```

@@ -339,3 +339,65 @@ pub fn run_program_bounded(
         stderr: err.join().unwrap(),
     }
 }
+
+/// `reactor serve --addr 127.0.0.1:0 --metrics 127.0.0.1:0 ARGS`, and the
+/// metrics address from its `listening on metrics` line (the last one).
+pub fn start_with_metrics(args: &[&str]) -> (Server, SocketAddr) {
+    let (server, metrics, _) = start_with_metrics_lines(args);
+    (server, metrics)
+}
+
+/// [`start_with_metrics`], also returning the `listening on` lines read
+/// between the first and the metrics line (`udp ...`, `unix ...`).
+pub fn start_with_metrics_lines(args: &[&str]) -> (Server, SocketAddr, Vec<String>) {
+    let mut all = vec!["--metrics", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut server = Server::start(&all);
+    let mut others = Vec::new();
+    loop {
+        let line = server.next_stdout_line();
+        if let Some(addr) = line.strip_prefix("listening on metrics ") {
+            return (server, addr.parse().expect("metrics address"), others);
+        }
+        assert!(
+            line.starts_with("listening on "),
+            "unexpected stdout line {line:?}"
+        );
+        others.push(line);
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the status code and the
+/// whole response (head and body) as text.
+pub fn http(addr: SocketAddr, request_line: &str) -> (u16, String) {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "{request_line}\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let raw = String::from_utf8(read_until_closed(&mut s)).expect("UTF-8 response");
+    let code = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    (code, raw)
+}
+
+/// `GET /metrics`, checked strictly: a 200 with the 0.0.4 content type,
+/// a Content-Length that matches, and a body the strict parser accepts.
+pub fn scrape(addr: SocketAddr) -> reactor::metrics::exposition::Exposition {
+    let (code, raw) = http(addr, "GET /metrics HTTP/1.1");
+    assert_eq!(code, 200, "{raw}");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(
+        head.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+        "{head}"
+    );
+    reactor::metrics::exposition::parse(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+}

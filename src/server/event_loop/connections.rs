@@ -99,6 +99,7 @@ impl<P: Protocol> EventLoop<P> {
                 Ok(Some(n)) => {
                     log::trace!("[{}] read {n} bytes", TokenName(token));
                     self.stats.bytes_in += n as u64;
+                    self.stats.reads += 1;
                     budget -= n;
                     conn.since = self.now;
                     n

@@ -7,6 +7,7 @@
 //!            │      LISTENER_TCP/UNIX → accept (accept.rs)     │
 //!            │      UDP               → datagrams (udp.rs)     │
 //!            │      SIGNALS, STOP     → shutdown (shutdown.rs) │
+//!            │      METRICS, its clients → metrics.rs          │
 //!            │      connection token  → connections.rs         │
 //!            │   serve the ready list (budgets left over)      │
 //!            │   expire deadlines (timers.rs)                  │
@@ -50,16 +51,19 @@ use super::listen::{Listeners, SocketFile};
 use super::stats::Stats;
 use super::timer::Timers;
 use super::token::{
-    connection_key, FixedTokens, TokenName, LISTENER_TCP, LISTENER_UNIX, SIGNALS, STOP, UDP,
+    connection_key, FixedTokens, TokenName, LISTENER_TCP, LISTENER_UNIX, METRICS, SIGNALS, STOP,
+    UDP,
 };
 use super::udp::{Next, UdpEcho};
 use super::{Config, ServeError};
+use crate::metrics::endpoint::Endpoint;
 use crate::net::ready::{ReadyList, SCRATCH};
 use crate::protocol::Protocol;
 
 mod accept;
 mod broadcast;
 mod connections;
+mod metrics;
 mod shutdown;
 mod timers;
 
@@ -155,6 +159,11 @@ pub(crate) struct EventLoop<P: Protocol> {
     tcp: Option<mio::net::TcpListener>,
     unix: Option<(mio::net::UnixListener, SocketFile)>,
     udp: Option<UdpEcho>,
+    /// The `--metrics` endpoint: its listener and its HTTP clients, on a
+    /// `Poll` of their own that is registered here as `METRICS`.
+    metrics: Option<Endpoint>,
+    /// The loop time (ms) the endpoint was last served at.
+    metrics_served: u64,
     signals: Signals,
     stop: StopHandle,
     conns: Slab<Connection<P::Session>>,
@@ -200,7 +209,12 @@ impl<P: Protocol> EventLoop<P> {
         let io = ServeError::Io;
         let poll = Poll::new().map_err(io)?;
         let registry = poll.registry();
-        let Listeners { tcp, unix, udp } = listeners;
+        let Listeners {
+            tcp,
+            unix,
+            udp,
+            metrics,
+        } = listeners;
         // mio wants non-blocking sockets: a blocking accept or read would
         // stall every client behind it.
         tcp.set_nonblocking(true).map_err(io)?;
@@ -228,6 +242,14 @@ impl<P: Protocol> EventLoop<P> {
             }
             None => None,
         };
+        let metrics = match metrics {
+            Some(l) => {
+                let m = Endpoint::new(l).map_err(io)?;
+                m.register(registry, METRICS).map_err(io)?;
+                Some(m)
+            }
+            None => None,
+        };
         let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(io)?;
         registry
             .register(&mut signals, SIGNALS, Interest::READABLE)
@@ -239,6 +261,8 @@ impl<P: Protocol> EventLoop<P> {
             tcp: Some(tcp),
             unix,
             udp,
+            metrics,
+            metrics_served: 0,
             signals,
             stop,
             conns: Slab::new(),
@@ -281,14 +305,19 @@ impl<P: Protocol> EventLoop<P> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            self.now = self.started.elapsed().as_millis() as u64;
+            // Busy time runs from here to the next poll call: one clock
+            // read per wake-up on top of the one the loop needs anyway.
+            let woke = Instant::now();
+            self.now = woke.duration_since(self.started).as_millis() as u64;
             let turn = self.ready.begin_turn();
             log::trace!(
                 "poll: {} event(s), {} on the ready list",
                 events.iter().count(),
                 turn.len()
             );
+            let mut n_events = 0;
             for event in events.iter() {
+                n_events += 1;
                 log::trace!(
                     "[{}] event:{}{}{}{}",
                     TokenName(event.token()),
@@ -308,6 +337,8 @@ impl<P: Protocol> EventLoop<P> {
             }
             self.ready.end_turn(turn);
             self.expire();
+            self.stats.count_wakeup(n_events);
+            self.stats.busy_nanos += woke.elapsed().as_nanos() as u64;
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now >= deadline {
                     return Ok(self.finish());
@@ -322,6 +353,7 @@ impl<P: Protocol> EventLoop<P> {
             UDP => self.on_udp(readiness),
             SIGNALS => self.on_signal(),
             STOP => self.on_stop(),
+            METRICS => self.on_metrics(),
             _ => self.on_connection(token, readiness),
         }
     }

@@ -42,6 +42,10 @@ impl<P: Protocol> EventLoop<P> {
         if let Some(mut u) = self.udp.take() {
             let _ = u.deregister(self.poll.registry());
         }
+        if let Some(mut m) = self.metrics.take() {
+            let _ = m.deregister(self.poll.registry());
+            m.close_all();
+        }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.conns[key].state.shutdown();

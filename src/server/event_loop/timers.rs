@@ -25,6 +25,7 @@ impl<P: Protocol> EventLoop<P> {
             self.next_stats,
             accept_retry,
             self.shutdown_deadline,
+            self.metrics.as_ref().and_then(|m| m.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -50,6 +51,7 @@ impl<P: Protocol> EventLoop<P> {
                 self.next_stats = Some(self.now + every.as_millis() as u64);
             }
         }
+        self.serve_metrics_if_due();
         let idle = self.config.idle_timeout.map(|d| d.as_millis() as u64);
         let linger = LINGER.as_millis() as u64;
         while let Some(token) = self.timers.pop_due(self.now) {

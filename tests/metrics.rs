@@ -1,0 +1,256 @@
+//! `reactor serve --metrics`: the endpoint on the server's own loop, seen
+//! from outside, every scrape checked by the strict text-format parser.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    connect, echo_roundtrip, eventually, http, pattern, scrape, start_with_metrics,
+    start_with_metrics_lines,
+};
+
+/// Every series INTERFACE.md names, as the sample names that must appear.
+const REQUIRED: &[&str] = &[
+    "reactor_connections_active",
+    "reactor_connections_accepted_total",
+    "reactor_connections_closed_total",
+    "reactor_bytes_received_total",
+    "reactor_bytes_sent_total",
+    "reactor_queued_bytes",
+    "reactor_paused_connections",
+    "reactor_poll_wakeups_total",
+    "reactor_events_per_wakeup_bucket",
+    "reactor_events_per_wakeup_sum",
+    "reactor_events_per_wakeup_count",
+    "reactor_loop_busy_seconds_total",
+    "reactor_accept_paused_total",
+    "reactor_slow_consumers_dropped_total",
+    "reactor_udp_datagrams_total",
+    "reactor_ready_list_length",
+    "reactor_reads_total",
+];
+
+#[test]
+fn every_series_is_there_valid_and_counts_real_traffic() {
+    let (server, metrics) = start_with_metrics(&[]);
+    let before = scrape(metrics);
+    for name in REQUIRED {
+        assert!(before.samples(name).next().is_some(), "no {name}");
+    }
+    for f in &before.families {
+        assert!(f.name.starts_with("reactor_"), "{}", f.name);
+        assert!(f.help.is_some(), "{} has no HELP", f.name);
+    }
+
+    // Traffic: 3 TCP echo clients of 10 KiB each, closed by EOF.
+    for i in 0..3 {
+        let s = connect(server.addr);
+        let data = Arc::new(pattern(i, 10_240));
+        assert_eq!(echo_roundtrip(&s, data.clone()), *data);
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        common::read_to_eof(&mut &s);
+    }
+
+    let after = scrape(metrics);
+    let v = |e: &reactor::metrics::exposition::Exposition, name: &str, labels: &[(&str, &str)]| {
+        e.value(name, labels)
+            .unwrap_or_else(|| panic!("no {name}{labels:?}"))
+    };
+    assert_eq!(
+        v(&after, "reactor_connections_accepted_total", &[])
+            - v(&before, "reactor_connections_accepted_total", &[]),
+        3.0
+    );
+    assert!(v(&after, "reactor_bytes_received_total", &[]) >= 30_720.0);
+    assert!(v(&after, "reactor_bytes_sent_total", &[]) >= 30_720.0);
+    assert!(v(&after, "reactor_reads_total", &[]) >= 3.0);
+    eventually("the three closes are counted", || {
+        scrape(metrics).value("reactor_connections_closed_total", &[("reason", "done")])
+            == Some(3.0)
+    });
+    assert!(
+        v(&after, "reactor_poll_wakeups_total", &[])
+            > v(&before, "reactor_poll_wakeups_total", &[])
+    );
+    assert!(
+        v(&after, "reactor_events_per_wakeup_count", &[])
+            == v(&after, "reactor_poll_wakeups_total", &[]),
+        "every wake-up is in the histogram"
+    );
+    assert!(
+        v(&after, "reactor_loop_busy_seconds_total", &[])
+            > v(&before, "reactor_loop_busy_seconds_total", &[])
+    );
+    assert_eq!(v(&after, "reactor_connections_active", &[]), 0.0);
+}
+
+#[test]
+fn udp_datagrams_are_counted_by_direction() {
+    let (_server, metrics, lines) = start_with_metrics_lines(&["--udp", "127.0.0.1:0"]);
+    assert_eq!(lines.len(), 1, "udp, then metrics: {lines:?}");
+    let udp_addr: std::net::SocketAddr = lines[0]
+        .strip_prefix("listening on udp ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    for i in 0..5u8 {
+        sock.send_to(&[i; 32], udp_addr).unwrap();
+        let mut buf = [0; 64];
+        let (n, _) = sock.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[i; 32]);
+    }
+    let e = scrape(metrics);
+    assert_eq!(
+        e.value("reactor_udp_datagrams_total", &[("direction", "received")]),
+        Some(5.0)
+    );
+    assert_eq!(
+        e.value("reactor_udp_datagrams_total", &[("direction", "sent")]),
+        Some(5.0)
+    );
+}
+
+#[test]
+fn other_paths_are_404_and_head_has_no_body() {
+    let (_server, metrics) = start_with_metrics(&[]);
+    let (code, _) = http(metrics, "GET / HTTP/1.1");
+    assert_eq!(code, 404);
+    let (code, _) = http(metrics, "GET /metrics/x HTTP/1.1");
+    assert_eq!(code, 404);
+    let (code, raw) = http(metrics, "HEAD /metrics HTTP/1.1");
+    assert_eq!(code, 200);
+    assert!(raw.ends_with("\r\n\r\n"), "HEAD: headers only");
+    let (code, raw) = http(metrics, "POST /metrics HTTP/1.1");
+    assert_eq!(code, 405);
+    assert!(raw.contains("Allow: GET, HEAD"));
+}
+
+#[test]
+fn rejected_and_paused_connections_show() {
+    let (server, metrics) = start_with_metrics(&["--max-connections", "1", "--max-buffer", "4096"]);
+    let held = connect(server.addr);
+    // A second client is turned away at once.
+    let mut extra = connect(server.addr);
+    common::read_until_closed(&mut extra);
+    eventually("the rejection is counted", || {
+        scrape(metrics).value(
+            "reactor_connections_closed_total",
+            &[("reason", "rejected")],
+        ) == Some(1.0)
+    });
+    // The held client sends and never reads: its echo fills the kernel
+    // buffers, then the server's queue, and the server pauses it.
+    let mut w = held.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let chunk = [7u8; 65536];
+        let started = Instant::now();
+        // Until the server stops reading and our send buffer fills too.
+        w.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        while started.elapsed() < Duration::from_secs(60) {
+            if w.write(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    eventually("the client is paused with output queued", || {
+        let e = scrape(metrics);
+        e.value("reactor_paused_connections", &[]) == Some(1.0)
+            && e.value("reactor_queued_bytes", &[]).unwrap() > 0.0
+    });
+    writer.join().unwrap();
+    drop(held);
+}
+
+#[test]
+fn an_endless_header_is_cut_off_and_memory_stays_bounded() {
+    let (server, metrics) = start_with_metrics(&[]);
+    scrape(metrics);
+    let rss_before = server.rss_kib();
+    // Eight clients at once, each sending a header that never ends.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            thread::spawn(move || {
+                let s = connect(metrics);
+                let mut w = s.try_clone().unwrap();
+                let writer = thread::spawn(move || {
+                    let _ = w.write_all(b"GET /metrics HTTP/1.1\r\nX-Endless: ");
+                    let junk = [b'a'; 16384];
+                    let started = Instant::now();
+                    let mut sent = 0u64;
+                    while started.elapsed() < Duration::from_secs(60) {
+                        match w.write(&junk) {
+                            Ok(n) => sent += n as u64,
+                            Err(_) => return (true, sent),
+                        }
+                    }
+                    (false, sent)
+                });
+                let mut r = s;
+                let mut head = [0u8; 12];
+                r.read_exact(&mut head).unwrap();
+                common::read_until_closed(&mut r);
+                (head, writer.join().unwrap())
+            })
+        })
+        .collect();
+    let mut total_sent = 0;
+    for c in clients {
+        let (head, (cut_off, sent)) = c.join().unwrap();
+        assert_eq!(&head, b"HTTP/1.1 431");
+        assert!(cut_off, "the server hung up on the endless writer");
+        total_sent += sent;
+    }
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB after {total_sent} bytes of header"
+    );
+    // And the endpoint still answers.
+    scrape(metrics);
+}
+
+#[test]
+fn metrics_with_the_threads_engine_is_a_usage_error() {
+    let out = common::run_bounded(
+        &[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--engine",
+            "threads",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        b"",
+        common::TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
+}
+
+#[test]
+fn metrics_with_several_workers_is_refused_for_now() {
+    let out = common::run_bounded(
+        &[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        b"",
+        common::TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
+}
