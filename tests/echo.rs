@@ -16,14 +16,17 @@ use common::*;
 /// Waits until a writer thread that counts its bytes in `sent` stops
 /// making progress: the server has stopped reading and the socket
 /// buffers are full.
+/// Waits until the writer has made no progress for three readings in a
+/// row, 300 ms apart: one still reading can be a busy machine that did not
+/// schedule the writer or the server, not a full pipe.
 fn wait_until_blocked(sent: &AtomicUsize) {
-    let mut last = usize::MAX;
+    let (mut last, mut still) = (usize::MAX, 0);
     eventually("the writer to block", || {
         let now = sent.load(Ordering::SeqCst);
-        let stuck = now == last;
+        still = if now == last { still + 1 } else { 0 };
         last = now;
         thread::sleep(Duration::from_millis(300));
-        stuck
+        still >= 3
     });
 }
 
@@ -273,14 +276,33 @@ mod lifecycle {
         // server no longer reads; the kernel delivers the data first).
         let mut r = s.try_clone().unwrap();
         let got = read_until_closed(&mut r);
-        assert!(got.len() >= 256 * 1024, "only {} bytes flushed", got.len());
         assert!(
             got[..] == data[..got.len()],
             "the flushed bytes are not what was sent"
         );
         let status = server.wait();
         assert_eq!(status.code(), Some(0));
-        assert!(server.stderr_text().contains("final stats"));
+        // stderr is collected by a thread: the last line may land just
+        // after the exit is seen, so wait for it rather than look once.
+        server.wait_for_log("final stats");
+        // Everything the server read and did not throw away while it
+        // lingered came back: the exact count, from its own final line.
+        let text = server.stderr_text();
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("final stats"))
+            .unwrap();
+        let count = |key: &str| -> usize {
+            line.split(&format!("{key}="))
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {line}"))
+        };
+        let echoed = count("bytes_in") - count("bytes_discarded");
+        assert!(echoed >= 256 * 1024, "the server's queue was full: {line}");
+        assert_eq!(got.len(), echoed, "{line}");
     }
 
     #[test]

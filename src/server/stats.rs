@@ -73,7 +73,7 @@ impl fmt::Display for Stats {
         write!(
             f,
             "stats: active={} accepted={} (unix {}) rejected={} closed={} slow_dropped={} \
-             bytes_in={} bytes_out={} udp_in={} udp_out={} udp_dropped={}",
+             bytes_in={} bytes_discarded={} bytes_out={} udp_in={} udp_out={} udp_dropped={}",
             self.active,
             self.accepted,
             self.accepted_unix,
@@ -81,6 +81,7 @@ impl fmt::Display for Stats {
             self.closed,
             self.dropped_slow,
             self.bytes_in,
+            self.bytes_discarded,
             self.bytes_out,
             self.udp_in,
             self.udp_out,
@@ -141,6 +142,7 @@ impl Stats {
                 "closed" => s.closed = n,
                 "slow_dropped" => s.dropped_slow = n,
                 "bytes_in" => s.bytes_in = n,
+                "bytes_discarded" => s.bytes_discarded = n,
                 "bytes_out" => s.bytes_out = n,
                 "udp_in" => s.udp_in = n,
                 "udp_out" => s.udp_out = n,
