@@ -35,7 +35,7 @@ pub enum Close {
     /// Send everything queued so far, shut the write side, and discard
     /// input for a short while before closing, so that a client still
     /// sending does not turn the close into a reset that loses the last
-    /// reply (chat's `* error: line too long`).
+    /// reply (chat's `* error: line too long`, and `* bye` after `/quit`).
     Linger,
 }
 
@@ -69,6 +69,18 @@ pub trait Protocol {
 
     /// The client sent `input`.
     fn data(&mut self, session: &mut Self::Session, input: &[u8], out: &mut impl Outbox);
+
+    /// True when the last [`Protocol::data`] or [`Protocol::resume`] left
+    /// input it has not acted on yet, because that read's output budget ran
+    /// out (see [`chat`]'s "Amplification"). The server then calls
+    /// [`Protocol::resume`] on a later turn, after other clients had theirs,
+    /// and reads nothing more from this client until this is false again.
+    fn backlog(&self, _session: &Self::Session) -> bool {
+        false
+    }
+
+    /// Acts on (part of) the input held back; see [`Protocol::backlog`].
+    fn resume(&mut self, _session: &mut Self::Session, _out: &mut impl Outbox) {}
 
     /// The client half-closed: no more input will come. Replies are still
     /// delivered; the default closes once they are written.
