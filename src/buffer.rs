@@ -28,6 +28,11 @@ const MAX_IOVECS: usize = 64;
 /// in pieces rather than holding the whole backlog until the end.
 const OWNED_CHUNK_MAX: usize = 64 * 1024;
 
+/// Most that one push may add to [`OutQueue::footprint`] beyond the bytes
+/// pushed: appending to an owned chunk may double its capacity, and owned
+/// chunks stop growing at `OWNED_CHUNK_MAX`.
+pub const GROWTH_SLACK: usize = 2 * OWNED_CHUNK_MAX;
+
 /// One piece of pending output.
 #[derive(Debug)]
 enum Chunk {

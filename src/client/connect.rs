@@ -352,7 +352,10 @@ mod tests {
     #[test]
     fn each_line_is_one_datagram_without_its_line_end() {
         let (out, _) = cut(&[b"a\r\nbb", b"b\n\nc"]);
-        assert_eq!(out, vec![b"a".to_vec(), b"bbb".to_vec(), vec![], b"c".to_vec()]);
+        assert_eq!(
+            out,
+            vec![b"a".to_vec(), b"bbb".to_vec(), vec![], b"c".to_vec()]
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
 
 use super::lines::{LineSplitter, TooLong};
-use super::{Audience, Close, Outbox, Protocol};
+use super::{AtMemoryCap, Audience, Close, Outbox, Protocol};
 
 /// Longest accepted nickname, in bytes.
 pub const MAX_NICK: usize = 32;
@@ -177,6 +177,8 @@ impl Chat {
 
 impl Protocol for Chat {
     type Session = Session;
+
+    const AT_MEMORY_CAP: AtMemoryCap = AtMemoryCap::DropLargest;
 
     fn open(&mut self, out: &mut impl Outbox) -> Session {
         self.accepted += 1;

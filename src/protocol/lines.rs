@@ -45,7 +45,12 @@ impl LineSplitter {
     /// `\n` and without one `\r` just before it. Stops at the first line
     /// longer than `max` bytes and returns [`TooLong`]; lines before it
     /// have been handed out.
-    pub fn push(&mut self, input: &[u8], max: usize, mut line: impl FnMut(&[u8])) -> Result<(), TooLong> {
+    pub fn push(
+        &mut self,
+        input: &[u8],
+        max: usize,
+        mut line: impl FnMut(&[u8]),
+    ) -> Result<(), TooLong> {
         self.feed(input, max, |l| {
             line(l);
             true
@@ -199,7 +204,11 @@ mod tests {
                 true
             })
             .unwrap();
-        assert_eq!((used, s.pending()), (5, 2), "the tail waits for its newline");
+        assert_eq!(
+            (used, s.pending()),
+            (5, 2),
+            "the tail waits for its newline"
+        );
         assert_eq!(lines, vec![b"a".to_vec(), b"bb".to_vec()]);
     }
 

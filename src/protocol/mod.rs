@@ -39,6 +39,18 @@ pub enum Close {
     Linger,
 }
 
+/// What the server does when the output queued for all clients together
+/// reaches `--max-memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtMemoryCap {
+    /// Stop reading from clients whose input would queue more, and read
+    /// from them again, in turn, as memory frees (echo: nothing is lost).
+    Pause,
+    /// Disconnect the client with the most queued output, as a slow
+    /// consumer (chat: one reader must not hold the room's memory).
+    DropLargest,
+}
+
 /// Where a protocol sends its output.
 pub trait Outbox {
     /// Bytes for the client whose input is being handled, after any
@@ -59,6 +71,16 @@ pub trait Protocol {
     /// Per-connection state. Echo needs none (`()`), which keeps an idle
     /// echo connection as small as the socket itself.
     type Session;
+
+    /// See [`AtMemoryCap`].
+    const AT_MEMORY_CAP: AtMemoryCap = AtMemoryCap::Pause;
+
+    /// True when the protocol's only output is its input, to the sender,
+    /// unchanged, byte for byte (echo). The server may then serve such a
+    /// client at the memory cap without queueing anything: look at the
+    /// input without taking it, write it back, and take only what the
+    /// socket accepted.
+    const MIRRORS_INPUT: bool = false;
 
     /// A client connected.
     fn open(&mut self, out: &mut impl Outbox) -> Self::Session;

@@ -76,18 +76,15 @@ impl Timers {
     }
 
     /// Entries held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.heap.len()
     }
 
     /// Room allocated, in entries.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.heap.capacity()
-    }
-
-    /// True when no deadline is pending.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
     }
 }
 

@@ -184,6 +184,7 @@ impl<P: Protocol> EventLoop<P> {
             session,
         });
         self.stats.active += 1;
+        self.recount(key, 0);
         log::debug!("[{}] open ({} held)", TokenName(token), self.conns.len());
         self.arm_deadline(key);
         self.advance(key);
