@@ -292,7 +292,7 @@ where
             send_datagrams(&socket, &mut outgoing)?;
         }
         // Ask for WRITABLE only while datagrams wait, or the loop spins.
-        if writable != !outgoing.is_empty() {
+        if writable == outgoing.is_empty() {
             writable = !outgoing.is_empty();
             let want = if writable {
                 Interest::READABLE | Interest::WRITABLE

@@ -228,9 +228,14 @@ impl State {
     /// edge-triggered loop wake for nothing). `None` when it needs nothing:
     /// [`State::advance`] closes such a connection first.
     pub(crate) fn interest(self, queued: usize) -> Option<Interest> {
-        // A waiting connection stays registered for reading: it is not
-        // finished, and the edges that arrive meanwhile are harmless.
-        match (self.reads() || self == State::Waiting, queued > 0) {
+        // A waiting connection stays registered for both: it is not
+        // finished, read edges meanwhile are harmless, and a writable
+        // edge says its own client has read, which may let it be served
+        // without memory (see the loop's `mirror`).
+        if self == State::Waiting {
+            return Some(Interest::READABLE | Interest::WRITABLE);
+        }
+        match (self.reads(), queued > 0) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
             (false, true) => Some(Interest::WRITABLE),
@@ -380,7 +385,7 @@ mod tests {
             assert!(!s.reads() && s.talks());
             // Registered for something, or mio would have nothing to watch
             // and the loop would take it for finished.
-            assert_eq!(s.interest(0), Some(Interest::READABLE));
+            assert_eq!(s.interest(0), Some(Interest::READABLE | Interest::WRITABLE));
             assert_eq!(
                 s.advance(0, 10),
                 Action::Stay,

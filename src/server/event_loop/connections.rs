@@ -20,7 +20,7 @@ use crate::server::token::{connection_token, TokenName};
 use crate::server::LINGER;
 
 impl<P: Protocol> EventLoop<P> {
-    pub(super) fn on_connection(&mut self, token: Token, readiness: Readiness) {
+    pub(super) fn on_connection(&mut self, token: Token, mut readiness: Readiness) {
         let Some(key) = self.key_of(token) else {
             // A stale event for a connection closed earlier in this batch.
             return;
@@ -29,6 +29,14 @@ impl<P: Protocol> EventLoop<P> {
             let before = self.conns[key].footprint();
             self.on_writable(key);
             self.recount(key, before);
+            let conn = &mut self.conns[key];
+            if P::MIRRORS_INPUT && conn.queued() == 0 && conn.state.memory_freed() {
+                // Waiting for memory with nothing queued, and its own
+                // socket has room again: it can be served by mirroring,
+                // which needs no memory, rather than wait its turn.
+                readiness.readable = true;
+                readiness.read_until = ReadUntil::WouldBlock;
+            }
         }
         if readiness.readable {
             self.on_readable(key, readiness.read_until);
@@ -100,7 +108,14 @@ impl<P: Protocol> EventLoop<P> {
             }
             if conn.state.talks() && self.protocol.backlog(&conn.session) {
                 // The protocol still holds input from an earlier read whose
-                // output budget ran out: act on it before reading more.
+                // output budget ran out: act on it before reading more;
+                // but only once this client has read half of what it was
+                // sent, or a `/who` flood from a slow reader would pass
+                // `--max-buffer` by itself. Pausing gives that hysteresis.
+                if conn.queued() > self.config.max_buffer / 2 {
+                    log::debug!("[{}] held input waits for the reader", TokenName(token));
+                    return conn.state.output_full();
+                }
                 let (mut outbox, session) = conn.outbox_and_session(
                     token,
                     self.config.max_buffer,

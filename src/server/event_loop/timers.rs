@@ -54,11 +54,14 @@ impl<P: Protocol> EventLoop<P> {
         // Entries of closed connections are skipped when due; tidy them
         // away before they pile up (a closed connection costs nothing).
         let conns = &self.conns;
-        self.timers.tidy(conns.len(), |token| {
+        let dropped = self.timers.tidy(conns.len(), |token| {
             connection_key(token).is_some_and(|(key, generation)| {
                 conns.get(key).is_some_and(|c| c.generation == generation)
             })
         });
+        if dropped > 0 {
+            log::debug!("timers: tidied {dropped} entries of closed connections");
+        }
         let idle = self.config.idle_timeout.map(|d| d.as_millis() as u64);
         let linger = LINGER.as_millis() as u64;
         while let Some(token) = self.timers.pop_due(self.now) {
