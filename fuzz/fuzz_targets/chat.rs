@@ -49,9 +49,15 @@ fuzz_target!(|data: &[u8]| {
                     continue; // the server's own notices
                 }
                 // `NAME: TEXT\n`; names have no ':' or ' '.
-                let sep = chunk.windows(2).position(|w| w == b": ").expect("relayed line");
+                let sep = chunk
+                    .windows(2)
+                    .position(|w| w == b": ")
+                    .expect("relayed line");
                 let text = &chunk[sep + 2..chunk.len() - 1];
-                let want = reference[who].lines.pop_front().expect("a line that was sent");
+                let want = reference[who]
+                    .lines
+                    .pop_front()
+                    .expect("a line that was sent");
                 assert_eq!(text, &want[..], "relayed exactly as sent");
             }
             if !chat.backlog(&sessions[who]) {
@@ -68,7 +74,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(reference[who].lines.is_empty(), "a line went missing");
         }
     }
-    assert!(output <= 32 * input + 1024, "{output} bytes out for {input} in");
+    assert!(
+        output <= 32 * input + 1024,
+        "{output} bytes out for {input} in"
+    );
     for s in sessions {
         chat.close(s, &mut Recorder::default());
     }

@@ -28,10 +28,14 @@ fuzz_target!(|data: &[u8]| {
     let mut at = 0;
     for &cut in rest.iter().chain(std::iter::once(&255)) {
         let end = (at + cut as usize % 37).min(sent.len());
-        done += c.feed(conn, size, &sent[at..end]).expect("the right bytes pass");
+        done += c
+            .feed(conn, size, &sent[at..end])
+            .expect("the right bytes pass");
         at = end;
     }
-    done += c.feed(conn, size, &sent[at..]).expect("the right bytes pass");
+    done += c
+        .feed(conn, size, &sent[at..])
+        .expect("the right bytes pass");
     assert_eq!(done, count);
     // One flipped bit is found where it is.
     if !sent.is_empty() {
