@@ -60,6 +60,11 @@ impl<P: Protocol> EventLoop<P> {
     /// cap; `None` when this protocol does not pause at the cap.
     pub(super) fn memory_room(&self) -> Option<usize> {
         (P::AT_MEMORY_CAP == AtMemoryCap::Pause).then(|| {
+            if self.memory == 0 {
+                // Nothing queued anywhere: one read may always go, or a
+                // cap below one read's worth would stop everyone for good.
+                return usize::MAX;
+            }
             self.config
                 .max_memory
                 .saturating_sub(self.memory + GROWTH_SLACK)
@@ -105,7 +110,8 @@ impl<P: Protocol> EventLoop<P> {
         if self.waiting.is_empty() || self.memory > cap - cap / 4 {
             return;
         }
-        let mut room = cap - self.memory;
+        // At least one goes: room is never less than one read's worth.
+        let mut room = (cap - self.memory).max(SCRATCH + GROWTH_SLACK);
         while room >= MIN_READ {
             let Some(token) = self.waiting.pop_front() else {
                 break;
