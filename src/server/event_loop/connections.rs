@@ -30,7 +30,8 @@ impl<P: Protocol> EventLoop<P> {
             self.on_writable(key);
             self.recount(key, before);
             let conn = &mut self.conns[key];
-            if P::MIRRORS_INPUT && conn.queued() == 0 && conn.state.memory_freed() {
+            let mirrorable = P::MIRRORS_INPUT && !conn.stream.is_unix();
+            if mirrorable && conn.queued() == 0 && conn.state.memory_freed() {
                 // Waiting for memory with nothing queued, and its own
                 // socket has room again: it can be served by mirroring,
                 // which needs no memory, rather than wait its turn.
