@@ -238,6 +238,13 @@ def part_chat(addr, results, talkers=20, listeners=5, rate=5.0):
         for s, name in ts:
             s.sendall(f"{sent[name]} {'x' * 40}\n".encode())
             sent[name] += 1
+            # Talkers read what the room says too, or they would be slow
+            # consumers and rightly dropped.
+            try:
+                while s.recv(1 << 20, socket.MSG_DONTWAIT):
+                    pass
+            except BlockingIOError:
+                pass
         time.sleep(period)
     time.sleep(3)
     for s, _ in ls:
@@ -385,6 +392,17 @@ def part_memory_flood(addr, results, clients=1000, each=1 << 20):
                                "bytes_verified": verified}
 
 
+def guarded(part):
+    """Runs a soak part; an exception is a failure of the soak, not a
+    silently dead thread."""
+    def run(*args):
+        try:
+            part(*args)
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            fail(f"{part.__name__}: {type(e).__name__}: {e}")
+    return run
+
+
 def sampler(procs, samples):
     start = time.time()
     while not STOP.wait(1.0):
@@ -409,18 +427,18 @@ def soak(args):
     idle_fds = {name: fds(p.pid) for name, p in procs.items()}
     parts = [
         threading.Thread(target=sampler, args=(procs, samples)),
-        threading.Thread(target=part_load, args=("pipelined_echo", echo, results, "-c", "50", "--pipeline", "16",
+        threading.Thread(target=guarded(part_load), args=("pipelined_echo", echo, results, "-c", "50", "--pipeline", "16",
                                                   "-s", "512", "-d", str(seconds), "--warmup", "0",
                                                   "--rate", "200")),
-        threading.Thread(target=part_load, args=("churn", echo, results, "--workload", "churn", "-c", "10",
+        threading.Thread(target=guarded(part_load), args=("churn", echo, results, "--workload", "churn", "-c", "10",
                                                   "-d", str(seconds), "--warmup", "0",
                                                   "--connect-rate", "300")),
-        threading.Thread(target=part_chat, args=(chat, results)),
-        threading.Thread(target=part_stalled_readers, args=(chat, results)),
-        threading.Thread(target=part_rst, args=([echo, chat], results)),
-        threading.Thread(target=part_loris, args=(echo, chat, results)),
-        threading.Thread(target=part_who, args=(chat, results)),
-        threading.Thread(target=part_memory_flood, args=(echo, results)),
+        threading.Thread(target=guarded(part_chat), args=(chat, results)),
+        threading.Thread(target=guarded(part_stalled_readers), args=(chat, results)),
+        threading.Thread(target=guarded(part_rst), args=([echo, chat], results)),
+        threading.Thread(target=guarded(part_loris), args=(echo, chat, results)),
+        threading.Thread(target=guarded(part_who), args=(chat, results)),
+        threading.Thread(target=guarded(part_memory_flood), args=(echo, results)),
     ]
     for t in parts:
         t.start()
