@@ -28,6 +28,11 @@ const MAX_IOVECS: usize = 64;
 /// in pieces rather than holding the whole backlog until the end.
 const OWNED_CHUNK_MAX: usize = 64 * 1024;
 
+/// Most that one push may add to [`OutQueue::footprint`] beyond the bytes
+/// pushed: appending to an owned chunk may double its capacity, and owned
+/// chunks stop growing at `OWNED_CHUNK_MAX`.
+pub const GROWTH_SLACK: usize = 2 * OWNED_CHUNK_MAX;
+
 /// One piece of pending output.
 #[derive(Debug)]
 enum Chunk {
@@ -57,6 +62,9 @@ pub struct OutQueue {
     head: usize,
     /// Bytes queued and not yet written.
     len: usize,
+    /// Bytes the chunks occupy: owned chunks' capacity, shared chunks'
+    /// whole length (see [`OutQueue::footprint`]).
+    held: usize,
     limit: usize,
 }
 
@@ -86,8 +94,17 @@ impl OutQueue {
             chunks: VecDeque::new(),
             head: 0,
             len: 0,
+            held: 0,
             limit,
         }
+    }
+
+    /// Bytes of memory the queued chunks occupy, at least [`OutQueue::len`]:
+    /// an owned chunk counts its capacity (growth slack, and a written
+    /// prefix not yet freed), a shared chunk its whole length, once in each
+    /// queue that holds it. This is what `--max-memory` counts.
+    pub fn footprint(&self) -> usize {
+        self.held
     }
 
     /// Bytes waiting to be written.
@@ -117,12 +134,16 @@ impl OutQueue {
         // fine because `head` counts from its start.
         if let Some(Chunk::Owned(last)) = self.chunks.back_mut() {
             if last.len() + bytes.len() <= OWNED_CHUNK_MAX {
+                let before = last.capacity();
                 last.extend_from_slice(bytes);
+                self.held += last.capacity() - before;
                 self.len += bytes.len();
                 return Ok(());
             }
         }
-        self.chunks.push_back(Chunk::Owned(bytes.to_vec()));
+        let chunk = bytes.to_vec();
+        self.held += chunk.capacity();
+        self.chunks.push_back(Chunk::Owned(chunk));
         self.len += bytes.len();
         Ok(())
     }
@@ -144,6 +165,7 @@ impl OutQueue {
             debug_assert!(self.chunks.is_empty());
             self.head = from;
         }
+        self.held += chunk.len();
         self.chunks.push_back(Chunk::Shared(chunk));
         self.len += n;
         Ok(())
@@ -192,7 +214,12 @@ impl OutQueue {
             }
             n -= front_left;
             self.head = 0;
-            self.chunks.pop_front();
+            if let Some(done) = self.chunks.pop_front() {
+                self.held -= match done {
+                    Chunk::Owned(v) => v.capacity(),
+                    Chunk::Shared(r) => r.len(),
+                };
+            }
         }
         if self.chunks.is_empty() {
             self.head = 0;
@@ -232,6 +259,29 @@ mod tests {
             got: Vec::new(),
             cap,
             calls,
+        }
+    }
+
+    mod footprint {
+        use super::*;
+
+        #[test]
+        fn counts_what_is_held_and_returns_to_zero_when_drained() {
+            let mut q = OutQueue::new(1 << 20);
+            for _ in 0..100 {
+                q.push(&[1; 1000]).unwrap();
+            }
+            let shared: Rc<[u8]> = Rc::from(&[2u8; 5000][..]);
+            q.push_shared(shared, 0).unwrap();
+            assert!(q.footprint() >= q.len(), "{} < {}", q.footprint(), q.len());
+            assert!(q.footprint() <= 2 * q.len());
+            let mut w = trickle(777, 40);
+            q.write_to(&mut w, usize::MAX).unwrap();
+            assert!(q.footprint() >= q.len());
+            let mut w = trickle(usize::MAX, 1000);
+            q.write_to(&mut w, usize::MAX).unwrap();
+            assert!(q.is_empty());
+            assert_eq!(q.footprint(), 0);
         }
     }
 

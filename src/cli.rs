@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// Most bytes queued for one connection.
     #[arg(long, value_name = "BYTES", default_value = "1048576")]
     pub max_buffer: NonZeroUsize,
+    /// Most bytes queued across all connections of one worker: at the cap
+    /// echo stops reading from clients that would queue more, chat drops
+    /// the client with the most queued output.
+    #[arg(long, value_name = "BYTES", default_value = "268435456")]
+    pub max_memory: NonZeroUsize,
     /// Close connections that sent nothing for SECS; 0 = never.
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     pub idle_timeout: u64,
@@ -313,6 +318,7 @@ impl ServeArgs {
             max_connections: self.max_connections.map(NonZeroUsize::get),
             max_line: self.max_line.get(),
             max_buffer: self.max_buffer.get(),
+            max_memory: self.max_memory.get(),
             idle_timeout: secs(self.idle_timeout),
             stats_interval: secs(self.stats_interval),
             udp: self.udp,

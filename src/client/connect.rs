@@ -11,6 +11,7 @@
 //! The bound means a fast typist (or a large file piped in) waits for a
 //! slow server instead of filling our memory; nothing is dropped.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -176,8 +177,68 @@ where
     }
 }
 
+/// Longest datagram `connect --udp` sends: the most a UDP/IPv4 datagram
+/// can carry. A line longer than this (or standard input with no newline
+/// at all) is sent in pieces of this size, each one datagram, so the
+/// client holds at most this much of an unfinished line.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Cuts standard input into datagrams: one per line (without its `\n` and
+/// one `\r` before it), and one per [`MAX_DATAGRAM`] bytes of a line that
+/// is longer than that. Holds at most [`MAX_DATAGRAM`] bytes in between.
+#[derive(Debug, Default)]
+pub struct Datagrams {
+    partial: Vec<u8>,
+}
+
+impl Datagrams {
+    /// Adds `chunk` and appends every datagram it completes to `out`.
+    pub fn push(&mut self, mut chunk: &[u8], out: &mut VecDeque<Vec<u8>>) {
+        while !chunk.is_empty() {
+            let room = MAX_DATAGRAM - self.partial.len();
+            // A newline right after a full piece still ends that line.
+            match memchr::memchr(b'\n', &chunk[..chunk.len().min(room + 1)]) {
+                Some(nl) => {
+                    self.partial.extend_from_slice(&chunk[..nl]);
+                    let mut line = std::mem::take(&mut self.partial);
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    out.push_back(line);
+                    chunk = &chunk[nl + 1..];
+                }
+                None => {
+                    let take = chunk.len().min(room);
+                    self.partial.extend_from_slice(&chunk[..take]);
+                    chunk = &chunk[take..];
+                    // Full, and text (not a newline) follows: send it.
+                    if !chunk.is_empty() {
+                        out.push_back(std::mem::take(&mut self.partial));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Standard input ended: what is held goes out as a last datagram.
+    pub fn finish(&mut self, out: &mut VecDeque<Vec<u8>>) {
+        if !self.partial.is_empty() {
+            out.push_back(std::mem::take(&mut self.partial));
+        }
+    }
+
+    /// Bytes held of an unfinished line.
+    pub fn pending(&self) -> usize {
+        self.partial.len()
+    }
+}
+
 /// Sends each line of `input` as one datagram to `addr` and prints every
 /// reply as a line. Ends a moment after `input` does.
+///
+/// When the socket's send buffer is full, datagrams wait (and so does the
+/// stdin reader, through its bounded channel) until the socket is
+/// writable again: nothing is dropped on our side, and nothing sleeps.
 pub fn udp<R, W>(addr: SocketAddr, input: R, mut output: W) -> io::Result<()>
 where
     R: Read + Send + 'static,
@@ -194,40 +255,51 @@ where
     let waker = Arc::new(Waker::new(poll.registry(), STDIN)?);
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
+    let mut writable = false;
     // The loop keeps its own handle on the waker: if the reader thread
     // held the only one, its exit after EOF would close the eventfd, and
     // closing an fd drops its pending event from epoll, losing the very
     // wake-up that says "EOF".
     let chunks = spawn_reader(input, waker.clone());
     let mut events = Events::with_capacity(16);
-    let mut partial = Vec::new();
+    let mut lines = Datagrams::default();
+    let mut outgoing: VecDeque<Vec<u8>> = VecDeque::new();
     let mut buf = vec![0; 65536];
     let mut input_done = false;
     loop {
-        let timeout = input_done.then_some(UDP_LINGER);
+        // Once everything is sent, wait a moment for the last replies.
+        let timeout = (input_done && outgoing.is_empty()).then_some(UDP_LINGER);
         attempt(|| poll.poll(&mut events, timeout))?;
-        if events.is_empty() && input_done {
+        if events.is_empty() && timeout.is_some() {
             return Ok(());
         }
-        while !input_done {
+        send_datagrams(&socket, &mut outgoing)?;
+        // Take more from stdin only while nothing waits for the socket,
+        // so the channel's bound reaches back to the reader.
+        while !input_done && outgoing.is_empty() {
             match chunks.try_recv() {
                 Ok(chunk) if chunk.is_empty() => {
                     input_done = true;
-                    if !partial.is_empty() {
-                        send_datagram(&socket, &std::mem::take(&mut partial))?;
-                    }
+                    lines.finish(&mut outgoing);
                 }
-                Ok(chunk) => {
-                    partial.extend_from_slice(&chunk);
-                    while let Some(nl) = memchr::memchr(b'\n', &partial) {
-                        let line: Vec<u8> = partial.drain(..=nl).collect();
-                        let line = line.strip_suffix(b"\n").unwrap_or(&line);
-                        send_datagram(&socket, line.strip_suffix(b"\r").unwrap_or(line))?;
-                    }
-                }
+                Ok(chunk) => lines.push(&chunk, &mut outgoing),
                 Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => input_done = true,
+                Err(TryRecvError::Disconnected) => {
+                    input_done = true;
+                    lines.finish(&mut outgoing);
+                }
             }
+            send_datagrams(&socket, &mut outgoing)?;
+        }
+        // Ask for WRITABLE only while datagrams wait, or the loop spins.
+        if writable == outgoing.is_empty() {
+            writable = !outgoing.is_empty();
+            let want = if writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            poll.registry().reregister(&mut socket, SOCKET, want)?;
         }
         loop {
             match attempt(|| socket.recv(&mut buf)) {
@@ -243,18 +315,69 @@ where
     }
 }
 
-fn send_datagram(socket: &UdpSocket, data: &[u8]) -> io::Result<()> {
-    // A datagram socket's send buffer rarely fills; when it does, wait a
-    // moment rather than drop the user's line.
-    for _ in 0..1000 {
-        match attempt(|| socket.send(data)) {
-            Ok(Some(_)) => return Ok(()),
-            Ok(None) => thread::sleep(Duration::from_millis(1)),
+/// Sends queued datagrams in order until the queue is empty or the
+/// socket's buffer is full (`WouldBlock`: the rest waits for `WRITABLE`).
+fn send_datagrams(socket: &UdpSocket, queue: &mut VecDeque<Vec<u8>>) -> io::Result<()> {
+    while let Some(d) = queue.front() {
+        match attempt(|| socket.send(d)) {
+            Ok(Some(_)) => {
+                queue.pop_front();
+            }
+            Ok(None) => return Ok(()),
+            // A connected UDP socket reports an earlier datagram's ICMP
+            // "port unreachable" on a later call; like the old client,
+            // that ends the run.
             Err(e) => return Err(io::Error::new(e.kind(), format!("udp send: {e}"))),
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::TimedOut,
-        "udp send kept blocking",
-    ))
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(pieces: &[&[u8]]) -> (Vec<Vec<u8>>, usize) {
+        let mut d = Datagrams::default();
+        let mut out = VecDeque::new();
+        let mut peak = 0;
+        for p in pieces {
+            d.push(p, &mut out);
+            peak = peak.max(d.pending());
+        }
+        d.finish(&mut out);
+        (out.into_iter().collect(), peak)
+    }
+
+    #[test]
+    fn each_line_is_one_datagram_without_its_line_end() {
+        let (out, _) = cut(&[b"a\r\nbb", b"b\n\nc"]);
+        assert_eq!(
+            out,
+            vec![b"a".to_vec(), b"bbb".to_vec(), vec![], b"c".to_vec()]
+        );
+    }
+
+    #[test]
+    fn input_without_a_newline_is_sent_in_pieces_of_the_limit() {
+        let chunk = vec![b'x'; 16 * 1024];
+        let pieces: Vec<&[u8]> = vec![&chunk[..]; 20];
+        let (out, peak) = cut(&pieces);
+        assert!(peak <= MAX_DATAGRAM, "held {peak}");
+        let total: usize = out.iter().map(|d| d.len()).sum();
+        assert_eq!(total, 20 * 16 * 1024, "every byte sent");
+        assert!(out.iter().all(|d| d.len() <= MAX_DATAGRAM));
+        assert_eq!(out[0].len(), MAX_DATAGRAM);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_is_one_datagram() {
+        let mut line = vec![b'y'; MAX_DATAGRAM];
+        line.push(b'\n');
+        let (out, _) = cut(&[&line[..100], &line[100..]]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), MAX_DATAGRAM);
+        let (out, _) = cut(&[&line[..MAX_DATAGRAM], b"z\n"]);
+        assert_eq!(out, vec![line[..MAX_DATAGRAM].to_vec(), b"z".to_vec()]);
+    }
 }

@@ -52,6 +52,24 @@ impl<T: AsFd, U: AsFd> AnyStream<T, U> {
     pub fn is_unix(&self) -> bool {
         matches!(self, AnyStream::Unix(_))
     }
+
+    /// The error pending on the socket (`SO_ERROR`), such as a reset that
+    /// arrived while we were not reading; clears it.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        self.socket().take_error()
+    }
+}
+
+impl Stream {
+    /// Reads without consuming (`MSG_PEEK`): the same bytes come again on
+    /// the next read. TCP only (`None` for a Unix socket, which std offers
+    /// no stable peek for).
+    pub fn peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        match self {
+            AnyStream::Tcp(s) => Some(s.peek(buf)),
+            AnyStream::Unix(_) => None,
+        }
+    }
 }
 
 impl<T, U> Read for &AnyStream<T, U>

@@ -7,15 +7,35 @@
 //!
 //! Every relayed line is built once into an `Rc<[u8]>` and handed to the
 //! outbox as a broadcast, so fan-out to N clients shares one allocation.
+//!
+//! # Amplification
+//! Some lines cost far more output than input: a 5-byte `/who` answers
+//! with every name online (about 200 KiB with 20,000 clients), so one
+//! 64 KiB read full of them would make the server build gigabytes while
+//! everyone else waits. So the output one call to [`Chat::data`] (or
+//! [`Chat::resume`]) may cause is metered: replies and broadcast chunks
+//! count their bytes (a broadcast once, as the chunk built here, since
+//! recipients share it), and once a call has spent [`OUTPUT_BUDGET`] it
+//! stops after the current line and keeps the rest of the read in the
+//! session. The server sees [`Protocol::backlog`], serves everyone else,
+//! and calls [`Chat::resume`] next turn; it reads nothing more from this
+//! client meanwhile, so the held input is at most one read. Nothing is
+//! dropped; the flood is only spread over turns. One call's output is at
+//! most the budget plus one line's worth (a `/who`, or a line of
+//! `--max-line` bytes with its name).
 
 use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
 
 use super::lines::{LineSplitter, TooLong};
-use super::{Audience, Close, Outbox, Protocol};
+use super::{AtMemoryCap, Audience, Close, Outbox, Protocol};
 
 /// Longest accepted nickname, in bytes.
 pub const MAX_NICK: usize = 32;
+
+/// Most output bytes one read of input may cause before the rest of that
+/// read waits for the next turn (see "Amplification" above).
+pub const OUTPUT_BUDGET: usize = 256 * 1024;
 
 /// Chat's shared state: who is online, by connection number.
 #[derive(Debug)]
@@ -27,6 +47,9 @@ pub struct Chat {
     online: BTreeMap<u64, Box<[u8]>>,
     /// The same names, for "is it taken" in O(1).
     taken: HashSet<Box<[u8]>>,
+    /// Output bytes one call may cause; [`OUTPUT_BUDGET`] unless a test
+    /// says otherwise.
+    budget: usize,
 }
 
 /// One chat client's state.
@@ -36,6 +59,9 @@ pub struct Session {
     lines: LineSplitter,
     /// Set after `/quit` or a too-long line: input is no longer read.
     done: bool,
+    /// Input received but not acted on yet: the rest of a read whose
+    /// output budget ran out.
+    held: Vec<u8>,
 }
 
 impl Chat {
@@ -46,6 +72,43 @@ impl Chat {
             accepted: 0,
             online: BTreeMap::new(),
             taken: HashSet::new(),
+            budget: OUTPUT_BUDGET,
+        }
+    }
+
+    /// The same room with another output budget per call (tests, fuzzing).
+    pub fn with_budget(mut self, bytes: usize) -> Self {
+        self.budget = bytes.max(1);
+        self
+    }
+
+    /// Acts on lines of `input` until it ends or the output budget is
+    /// spent; keeps what is left in `s.held`.
+    fn run(&mut self, s: &mut Session, input: &[u8], out: &mut impl Outbox) {
+        let max = self.max_line;
+        let budget = self.budget;
+        let mut out = Metered { out, spent: 0 };
+        // The splitter borrows the session while `line` needs it too, so
+        // take it out for the duration of the call.
+        let mut lines = std::mem::take(&mut s.lines);
+        let result = lines.feed(input, max, |line| {
+            if s.done {
+                return false;
+            }
+            self.line(s, line, &mut out);
+            out.spent < budget
+        });
+        s.lines = lines;
+        match result {
+            Ok(used) if !s.done => s.held.extend_from_slice(&input[used..]),
+            Ok(_) => {}
+            Err(TooLong) if !s.done => {
+                out.reply(b"* error: line too long\n");
+                out.close(Close::Linger);
+                s.done = true;
+                s.lines = LineSplitter::default();
+            }
+            Err(TooLong) => {}
         }
     }
 
@@ -60,8 +123,12 @@ impl Chat {
             b"" => {}
             b"/quit" | b"!DISCONNECT" => {
                 out.reply(b"* bye\n");
-                out.close(Close::AfterFlush);
+                // The client may still be sending: linger, so the input
+                // after the quit does not turn the close into a reset
+                // that destroys `* bye` before the client reads it.
+                out.close(Close::Linger);
                 s.done = true;
+                s.held = Vec::new();
             }
             b"/who" => {
                 let mut msg = b"* online: ".to_vec();
@@ -111,6 +178,8 @@ impl Chat {
 impl Protocol for Chat {
     type Session = Session;
 
+    const AT_MEMORY_CAP: AtMemoryCap = AtMemoryCap::DropLargest;
+
     fn open(&mut self, out: &mut impl Outbox) -> Session {
         self.accepted += 1;
         let number = self.accepted;
@@ -129,6 +198,7 @@ impl Protocol for Chat {
             number,
             lines: LineSplitter::default(),
             done: false,
+            held: Vec::new(),
         }
     }
 
@@ -141,21 +211,25 @@ impl Protocol for Chat {
         if s.done {
             return;
         }
-        let max = self.max_line;
-        // The splitter borrows the session while `line` needs it too, so
-        // take it out for the duration of the call.
-        let mut lines = std::mem::take(&mut s.lines);
-        let result = lines.push(input, max, |line| {
-            if !s.done {
-                self.line(s, line, out);
-            }
-        });
-        s.lines = lines;
-        if result == Err(TooLong) && !s.done {
-            out.reply(b"* error: line too long\n");
-            out.close(Close::Linger);
-            s.done = true;
-            s.lines = LineSplitter::default();
+        if s.held.is_empty() {
+            self.run(s, input, out);
+        } else {
+            // Servers wait for `backlog` to clear before reading again; if
+            // one does not, the order of the input is still kept.
+            let mut held = std::mem::take(&mut s.held);
+            held.extend_from_slice(input);
+            self.run(s, &held, out);
+        }
+    }
+
+    fn backlog(&self, s: &Session) -> bool {
+        !s.held.is_empty()
+    }
+
+    fn resume(&mut self, s: &mut Session, out: &mut impl Outbox) {
+        let held = std::mem::take(&mut s.held);
+        if !s.done {
+            self.run(s, &held, out);
         }
     }
 
@@ -173,6 +247,26 @@ pub fn valid_nick(name: &[u8]) -> bool {
         && name
             .iter()
             .all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// An outbox that counts the bytes a call sends through it.
+struct Metered<'a, O> {
+    out: &'a mut O,
+    spent: usize,
+}
+
+impl<O: Outbox> Outbox for Metered<'_, O> {
+    fn reply(&mut self, bytes: &[u8]) {
+        self.spent += bytes.len();
+        self.out.reply(bytes);
+    }
+    fn broadcast(&mut self, chunk: Rc<[u8]>, to: Audience) {
+        self.spent += chunk.len();
+        self.out.broadcast(chunk, to);
+    }
+    fn close(&mut self, how: Close) {
+        self.out.close(how);
+    }
 }
 
 fn concat(parts: &[&[u8]]) -> Rc<[u8]> {
@@ -345,7 +439,7 @@ mod tests {
                 let (mut chat, mut a, _b) = room();
                 let out = say(&mut chat, &mut a, &[cmd, b"ignored\n"].concat());
                 assert_eq!(out.replies, b"* bye\n");
-                assert_eq!(out.closed, Some(Close::AfterFlush));
+                assert_eq!(out.closed, Some(Close::Linger), "lingers");
                 assert!(
                     out.broadcasts.is_empty(),
                     "nothing after the quit is relayed"
@@ -390,6 +484,82 @@ mod tests {
             );
             assert_eq!(out.broadcasts.len(), 1);
             assert_eq!(out.replies, b"* error: line too long\n");
+        }
+    }
+
+    mod amplification {
+        use super::*;
+
+        /// A room of `n` clients with 32-byte names, so a `/who` answer is
+        /// about 34 bytes per client.
+        fn crowd(n: usize, budget: usize) -> (Chat, Session) {
+            let mut chat = Chat::new(64).with_budget(budget);
+            for i in 0..n {
+                let mut s = chat.open(&mut Recorder::default());
+                let nick = format!("/nick {:0>32}\n", i);
+                say(&mut chat, &mut s, nick.as_bytes());
+            }
+            let me = chat.open(&mut Recorder::default());
+            (chat, me)
+        }
+
+        #[test]
+        fn a_who_flood_is_spread_over_turns_and_nothing_is_lost() {
+            let (mut chat, mut me) = crowd(1000, OUTPUT_BUDGET);
+            let who_len = say(&mut chat, &mut me, b"/who\n").replies.len();
+            assert!(who_len > 34 * 1000);
+            // One 64 KiB read of `/who`: 13,107 of them, 450 MB of answers.
+            let flood = b"/who\n".repeat(64 * 1024 / 5);
+            let mut out = Recorder::default();
+            chat.data(&mut me, &flood, &mut out);
+            let mut answers = out.replies.len() / who_len;
+            let mut calls = 1;
+            assert!(out.replies.len() <= OUTPUT_BUDGET + who_len);
+            while chat.backlog(&me) {
+                let mut out = Recorder::default();
+                chat.resume(&mut me, &mut out);
+                assert!(
+                    out.replies.len() <= OUTPUT_BUDGET + who_len,
+                    "one call's output is bounded"
+                );
+                answers += out.replies.len() / who_len;
+                calls += 1;
+            }
+            assert_eq!(answers, flood.len() / 5, "every /who answered");
+            assert!(calls > 1000);
+        }
+
+        #[test]
+        fn held_input_keeps_its_order_and_its_partial_line() {
+            let (mut chat, mut me) = crowd(3, 1);
+            // A budget of one byte: one line per call.
+            let out = say(&mut chat, &mut me, b"one\ntwo\nthr");
+            assert_eq!(out.broadcasts.len(), 1);
+            assert!(chat.backlog(&me));
+            let mut seen = vec![out.broadcasts[0].0.clone()];
+            while chat.backlog(&me) {
+                let mut out = Recorder::default();
+                chat.resume(&mut me, &mut out);
+                seen.extend(out.broadcasts.into_iter().map(|b| b.0));
+            }
+            let out = say(&mut chat, &mut me, b"ee\n");
+            seen.extend(out.broadcasts.into_iter().map(|b| b.0));
+            let name = "guest-4";
+            let want: Vec<Vec<u8>> = ["one", "two", "three"]
+                .iter()
+                .map(|t| format!("{name}: {t}\n").into_bytes())
+                .collect();
+            assert_eq!(seen, want);
+        }
+
+        #[test]
+        fn quit_drops_the_held_input() {
+            let (mut chat, mut me) = crowd(1, 1);
+            say(&mut chat, &mut me, b"a\n/quit\nb\nc\n");
+            let mut out = Recorder::default();
+            chat.resume(&mut me, &mut out);
+            assert_eq!(out.replies, b"* bye\n");
+            assert!(!chat.backlog(&me));
         }
     }
 

@@ -9,6 +9,8 @@ pub struct Echo;
 impl Protocol for Echo {
     type Session = ();
 
+    const MIRRORS_INPUT: bool = true;
+
     fn open(&mut self, _out: &mut impl Outbox) {}
 
     fn reject(&mut self) -> &'static [u8] {

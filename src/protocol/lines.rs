@@ -47,32 +47,54 @@ impl LineSplitter {
     /// have been handed out.
     pub fn push(
         &mut self,
-        mut input: &[u8],
+        input: &[u8],
         max: usize,
         mut line: impl FnMut(&[u8]),
     ) -> Result<(), TooLong> {
-        while let Some(nl) = memchr(b'\n', input) {
-            let (head, rest) = (&input[..nl], &input[nl + 1..]);
-            input = rest;
-            if self.partial.is_empty() {
-                line(check(strip_cr(head), max)?);
+        self.feed(input, max, |l| {
+            line(l);
+            true
+        })
+        .map(|_| ())
+    }
+
+    /// Like [`LineSplitter::push`], but `line` may say "enough for now" by
+    /// returning `false`: the splitter then stops right after that line
+    /// and returns how many bytes of `input` it consumed. The caller keeps
+    /// the rest and feeds it again later; nothing of it was looked at.
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        max: usize,
+        mut line: impl FnMut(&[u8]) -> bool,
+    ) -> Result<usize, TooLong> {
+        let mut rest = input;
+        while let Some(nl) = memchr(b'\n', rest) {
+            let head = &rest[..nl];
+            rest = &rest[nl + 1..];
+            let go_on = if self.partial.is_empty() {
+                line(check(strip_cr(head), max)?)
             } else {
                 if self.partial.len() + head.len() > max + 1 {
                     return Err(TooLong);
                 }
                 self.partial.extend_from_slice(head);
+                // `take` leaves an empty Vec that owns nothing, so the
+                // allocation is kept only while lines keep arriving in
+                // pieces.
                 let whole = std::mem::take(&mut self.partial);
-                line(check(strip_cr(&whole), max)?);
-                // Keep the allocation only while lines keep arriving in
-                // pieces; `take` left an empty Vec that owns nothing.
+                line(check(strip_cr(&whole), max)?)
+            };
+            if !go_on {
+                return Ok(input.len() - rest.len());
             }
         }
         // `max` text bytes plus a `\r` may still be waiting for their `\n`.
-        if self.partial.len() + input.len() > max + 1 {
+        if self.partial.len() + rest.len() > max + 1 {
             return Err(TooLong);
         }
-        self.partial.extend_from_slice(input);
-        Ok(())
+        self.partial.extend_from_slice(rest);
+        Ok(input.len())
     }
 }
 
@@ -162,6 +184,32 @@ mod tests {
             assert!(s.pending() <= 4097);
         }
         assert!(refused);
+    }
+
+    #[test]
+    fn feed_stops_after_the_line_that_says_enough() {
+        let mut s = LineSplitter::default();
+        let mut lines = Vec::new();
+        let input = b"a\nbb\ncc";
+        let used = s
+            .feed(input, 8, |l| {
+                lines.push(l.to_vec());
+                false
+            })
+            .unwrap();
+        assert_eq!((used, s.pending()), (2, 0));
+        let used = s
+            .feed(&input[2..], 8, |l| {
+                lines.push(l.to_vec());
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            (used, s.pending()),
+            (5, 2),
+            "the tail waits for its newline"
+        );
+        assert_eq!(lines, vec![b"a".to_vec(), b"bb".to_vec()]);
     }
 
     proptest! {

@@ -35,8 +35,20 @@ pub enum Close {
     /// Send everything queued so far, shut the write side, and discard
     /// input for a short while before closing, so that a client still
     /// sending does not turn the close into a reset that loses the last
-    /// reply (chat's `* error: line too long`).
+    /// reply (chat's `* error: line too long`, and `* bye` after `/quit`).
     Linger,
+}
+
+/// What the server does when the output queued for all clients together
+/// reaches `--max-memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtMemoryCap {
+    /// Stop reading from clients whose input would queue more, and read
+    /// from them again, in turn, as memory frees (echo: nothing is lost).
+    Pause,
+    /// Disconnect the client with the most queued output, as a slow
+    /// consumer (chat: one reader must not hold the room's memory).
+    DropLargest,
 }
 
 /// Where a protocol sends its output.
@@ -60,6 +72,16 @@ pub trait Protocol {
     /// echo connection as small as the socket itself.
     type Session;
 
+    /// See [`AtMemoryCap`].
+    const AT_MEMORY_CAP: AtMemoryCap = AtMemoryCap::Pause;
+
+    /// True when the protocol's only output is its input, to the sender,
+    /// unchanged, byte for byte (echo). The server may then serve such a
+    /// client at the memory cap without queueing anything: look at the
+    /// input without taking it, write it back, and take only what the
+    /// socket accepted.
+    const MIRRORS_INPUT: bool = false;
+
     /// A client connected.
     fn open(&mut self, out: &mut impl Outbox) -> Self::Session;
 
@@ -69,6 +91,18 @@ pub trait Protocol {
 
     /// The client sent `input`.
     fn data(&mut self, session: &mut Self::Session, input: &[u8], out: &mut impl Outbox);
+
+    /// True when the last [`Protocol::data`] or [`Protocol::resume`] left
+    /// input it has not acted on yet, because that read's output budget ran
+    /// out (see [`chat`]'s "Amplification"). The server then calls
+    /// [`Protocol::resume`] on a later turn, after other clients had theirs,
+    /// and reads nothing more from this client until this is false again.
+    fn backlog(&self, _session: &Self::Session) -> bool {
+        false
+    }
+
+    /// Acts on (part of) the input held back; see [`Protocol::backlog`].
+    fn resume(&mut self, _session: &mut Self::Session, _out: &mut impl Outbox) {}
 
     /// The client half-closed: no more input will come. Replies are still
     /// delivered; the default closes once they are written.

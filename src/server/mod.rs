@@ -96,6 +96,9 @@ pub struct Config {
     pub max_line: usize,
     /// Most bytes queued for one connection.
     pub max_buffer: usize,
+    /// Most bytes queued across all connections (see `INTERFACE.md`,
+    /// "Memory", and [`event_loop`]'s "Memory").
+    pub max_memory: usize,
     /// Close connections idle this long; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Log stats this often; `None` = never.
@@ -123,6 +126,7 @@ impl Default for Config {
             max_connections: None,
             max_line: 4096,
             max_buffer: 1 << 20,
+            max_memory: 256 << 20,
             idle_timeout: None,
             stats_interval: None,
             udp: None,

@@ -298,6 +298,8 @@ impl Supervisor {
         }
         flag("max-line", c.max_line.to_string());
         flag("max-buffer", c.max_buffer.to_string());
+        // The memory cap is per worker (INTERFACE.md, "Memory").
+        flag("max-memory", c.max_memory.to_string());
         let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs()).to_string();
         flag("idle-timeout", secs(c.idle_timeout));
         flag("stats-interval", secs(c.stats_interval));

@@ -245,6 +245,18 @@ fn client<P: Protocol>(shared: &Shared<P>, id: u64, sock: BlockingStream, me: Pe
         st.protocol.data(&mut session, &buf[..n], &mut out);
         drop(st);
         ok = deliver(shared, id, &me, &mut out);
+        // A read whose output budget ran out left input behind: act on it
+        // before reading more, delivering between steps, so the lock is
+        // never held for one huge answer.
+        while ok && out.close.is_none() {
+            let mut st = shared.lock();
+            if !st.protocol.backlog(&session) {
+                break;
+            }
+            st.protocol.resume(&mut session, &mut out);
+            drop(st);
+            ok = deliver(shared, id, &me, &mut out);
+        }
     }
     if ok && out.close == Some(Close::Linger) {
         // Let the error line arrive before the close: shut our side and

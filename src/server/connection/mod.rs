@@ -56,6 +56,11 @@ impl<S> Connection<S> {
         self.out.as_ref().map_or(0, |q| q.len())
     }
 
+    /// Memory its output queue occupies (see [`OutQueue::footprint`]).
+    pub fn footprint(&self) -> usize {
+        self.out.as_ref().map_or(0, |q| q.footprint())
+    }
+
     /// Room left under the queue's limit of `limit` bytes.
     pub fn space(&self, limit: usize) -> usize {
         self.out.as_ref().map_or(limit, |q| q.space())

@@ -3,6 +3,7 @@
 //! ```text
 //!            output full                  queue ≤ half
 //!   Open ───────────────────▶ Paused ─────────────────▶ Open
+//!   Open ── --max-memory reached ─▶ Waiting ── its turn in the FIFO ─▶ Open
 //!    │  protocol: close / EOF / shutdown      │
 //!    ▼                                        ▼
 //!   Flushing(Close) ── queue empty ─▶ closed ("done")
@@ -31,6 +32,11 @@ pub(crate) enum State {
     /// a byte fits, so a client that reads slowly is not read from one
     /// byte at a time.
     Paused,
+    /// Not reading: the output of all connections together reached
+    /// `--max-memory`. Not this client's fault, so not this client's
+    /// queue: the loop keeps waiting connections in a FIFO and reads from
+    /// them again in that order as memory frees ([`State::memory_freed`]).
+    Waiting,
     /// No more reading; once the output queue is empty, `Then` happens.
     Flushing(Then),
     /// The last words are written and our write side is shut; input is
@@ -117,7 +123,7 @@ impl State {
 
     /// True while input goes to the protocol.
     pub(crate) fn talks(self) -> bool {
-        matches!(self, State::Open | State::Paused)
+        matches!(self, State::Open | State::Paused | State::Waiting)
     }
 
     /// True once the connection is only waiting to be closed.
@@ -132,6 +138,25 @@ impl State {
         }
     }
 
+    /// Memory for all connections is at `--max-memory`: stop reading until
+    /// the loop says it freed up.
+    pub(crate) fn memory_full(&mut self) {
+        if *self == State::Open {
+            *self = State::Waiting;
+        }
+    }
+
+    /// Memory freed up and it is this connection's turn: read again. True
+    /// when it was waiting (a waiting entry may be stale: the connection
+    /// may have been closed by the protocol or shutdown since).
+    pub(crate) fn memory_freed(&mut self) -> bool {
+        let was = *self == State::Waiting;
+        if was {
+            *self = State::Open;
+        }
+        was
+    }
+
     /// The protocol ended the conversation: flush, then close or linger.
     pub(crate) fn protocol_close(&mut self, then: Then) {
         if self.talks() {
@@ -144,7 +169,7 @@ impl State {
     /// nothing more to read either, so the connection flushes and closes.
     pub(crate) fn read_eof(&mut self) {
         match self {
-            State::Open | State::Paused => *self = State::Flushing(Then::Close),
+            State::Open | State::Paused | State::Waiting => *self = State::Flushing(Then::Close),
             State::Lingering => *self = State::Closing(CloseReason::PeerClosed),
             State::Flushing(_) | State::Closing(_) => {}
         }
@@ -171,7 +196,7 @@ impl State {
     /// meant to deliver. A lingering connection stays as it is.
     pub(crate) fn shutdown(&mut self) {
         match self {
-            State::Open | State::Paused | State::Flushing(_) => {
+            State::Open | State::Paused | State::Waiting | State::Flushing(_) => {
                 *self = State::Flushing(Then::Linger)
             }
             State::Lingering | State::Closing(_) => {}
@@ -203,6 +228,13 @@ impl State {
     /// edge-triggered loop wake for nothing). `None` when it needs nothing:
     /// [`State::advance`] closes such a connection first.
     pub(crate) fn interest(self, queued: usize) -> Option<Interest> {
+        // A waiting connection stays registered for both: it is not
+        // finished, read edges meanwhile are harmless, and a writable
+        // edge says its own client has read, which may let it be served
+        // without memory (see the loop's `mirror`).
+        if self == State::Waiting {
+            return Some(Interest::READABLE | Interest::WRITABLE);
+        }
         match (self.reads(), queued > 0) {
             (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
             (true, false) => Some(Interest::READABLE),
@@ -225,7 +257,7 @@ impl State {
             State::Lingering => Some(since + linger),
             // Waiting for the client to read is not being idle: look again
             // a whole timeout from now.
-            State::Paused => idle.map(|idle| now + idle),
+            State::Paused | State::Waiting => idle.map(|idle| now + idle),
             _ => idle.map(|idle| since + idle),
         }
     }
@@ -339,6 +371,45 @@ mod tests {
             let mut s = State::Paused;
             s.protocol_close(Then::Linger);
             assert_eq!(s, State::Flushing(Then::Linger));
+        }
+    }
+
+    mod waiting {
+        use super::*;
+
+        #[test]
+        fn does_not_read_until_its_turn_comes() {
+            let mut s = State::Open;
+            s.memory_full();
+            assert_eq!(s, State::Waiting);
+            assert!(!s.reads() && s.talks());
+            // Registered for something, or mio would have nothing to watch
+            // and the loop would take it for finished.
+            assert_eq!(s.interest(0), Some(Interest::READABLE | Interest::WRITABLE));
+            assert_eq!(
+                s.advance(0, 10),
+                Action::Stay,
+                "an empty queue is not enough"
+            );
+            assert!(s.memory_freed());
+            assert_eq!(s, State::Open);
+            assert!(!s.memory_freed(), "a second turn changes nothing");
+        }
+
+        #[test]
+        fn a_paused_connection_does_not_wait_for_memory_too() {
+            let mut s = State::Paused;
+            s.memory_full();
+            assert_eq!(s, State::Paused);
+        }
+
+        #[test]
+        fn is_never_idle_and_shutdown_flushes_it() {
+            let mut s = State::Waiting;
+            assert_eq!(s.deadline(0, 500, Some(100), 1000), Some(600));
+            s.shutdown();
+            assert_eq!(s, State::Flushing(Then::Linger));
+            assert!(!s.memory_freed());
         }
     }
 

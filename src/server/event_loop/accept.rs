@@ -2,7 +2,7 @@
 //! cleanly when the process runs out of descriptors (or the kernel out of
 //! memory for sockets), instead of spinning on a listener it cannot serve.
 
-use std::io;
+use std::io::{self, Read};
 
 use mio::{Interest, Token};
 
@@ -138,6 +138,18 @@ impl<P: Protocol> EventLoop<P> {
             let line = turn_away(&mut self.protocol, &mut self.stats, self.conns.len());
             if !line.is_empty() {
                 let _ = write_now(&stream, line, &mut self.stats);
+                // Closing with unread input sends a reset, which can
+                // destroy the line before the client reads it: shut our
+                // side, and take what the client already sent (a little;
+                // a full server cannot linger for everyone it turns away).
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let mut sink = [0; 4096];
+                for _ in 0..16 {
+                    match attempt(|| (&stream).read(&mut sink)) {
+                        Ok(Some(n)) if n > 0 => self.stats.bytes_discarded += n as u64,
+                        _ => break,
+                    }
+                }
             }
             return;
         }
@@ -184,6 +196,7 @@ impl<P: Protocol> EventLoop<P> {
             session,
         });
         self.stats.active += 1;
+        self.recount(key, 0);
         log::debug!("[{}] open ({} held)", TokenName(token), self.conns.len());
         self.arm_deadline(key);
         self.advance(key);

@@ -13,6 +13,17 @@ impl<P: Protocol> EventLoop<P> {
     /// recipient whose state changed (a slow consumer is closed, and its
     /// departure may broadcast more, delivered by the next round).
     pub(super) fn deliver(&mut self) {
+        loop {
+            self.deliver_queued();
+            // Chat at `--max-memory`: drop the biggest reader; its `left`
+            // line is one more broadcast to deliver.
+            if !self.drop_largest_over_cap() {
+                return;
+            }
+        }
+    }
+
+    fn deliver_queued(&mut self) {
         while !self.broadcasts.is_empty() {
             let batch = std::mem::take(&mut self.broadcasts);
             if self.shutdown_deadline.is_some() {
@@ -39,7 +50,9 @@ impl<P: Protocol> EventLoop<P> {
                     continue;
                 }
                 let before = (conn.queued(), conn.state);
+                let held = conn.footprint();
                 conn.send_shared(&mine, self.config.max_buffer, &mut self.stats);
+                self.memory = self.memory + conn.footprint() - held;
                 if conn.state != before.1 || (before.0 == 0 && conn.queued() > 0) {
                     self.to_advance.push(token);
                 }

@@ -8,21 +8,36 @@ use std::net::Shutdown;
 use mio::Token;
 
 use super::{EventLoop, ReadUntil, Readiness};
+
+/// Below this much room under `--max-memory`, a read waits for memory
+/// rather than take a few bytes at a time.
+const MIN_ROOM: usize = 4096;
 use crate::net::io::attempt;
 use crate::net::ready::{READ_BUDGET, WRITE_BUDGET};
 use crate::protocol::Protocol;
-use crate::server::connection::{Action, CloseReason, GoneOutbox};
+use crate::server::connection::{Action, CloseReason, GoneOutbox, State};
 use crate::server::token::{connection_token, TokenName};
 use crate::server::LINGER;
 
 impl<P: Protocol> EventLoop<P> {
-    pub(super) fn on_connection(&mut self, token: Token, readiness: Readiness) {
+    pub(super) fn on_connection(&mut self, token: Token, mut readiness: Readiness) {
         let Some(key) = self.key_of(token) else {
             // A stale event for a connection closed earlier in this batch.
             return;
         };
         if readiness.writable {
+            let before = self.conns[key].footprint();
             self.on_writable(key);
+            self.recount(key, before);
+            let conn = &mut self.conns[key];
+            let mirrorable = P::MIRRORS_INPUT && !conn.stream.is_unix();
+            if mirrorable && conn.queued() == 0 && conn.state.memory_freed() {
+                // Waiting for memory with nothing queued, and its own
+                // socket has room again: it can be served by mirroring,
+                // which needs no memory, rather than wait its turn.
+                readiness.readable = true;
+                readiness.read_until = ReadUntil::WouldBlock;
+            }
         }
         if readiness.readable {
             self.on_readable(key, readiness.read_until);
@@ -60,19 +75,59 @@ impl<P: Protocol> EventLoop<P> {
         }
     }
 
+    /// Reads and hands the input to the protocol. Every reply it queues
+    /// is counted against `--max-memory` before the next read looks at the
+    /// room left.
     fn on_readable(&mut self, key: usize, read_until: ReadUntil) {
+        let mut held = self.conns[key].footprint();
+        self.read_loop(key, read_until, &mut held);
+        self.recount_from(key, &mut held);
+    }
+
+    fn read_loop(&mut self, key: usize, read_until: ReadUntil, held: &mut usize) {
         let mut budget = READ_BUDGET;
         loop {
+            self.recount_from(key, held);
             let conn = &mut self.conns[key];
             let token = connection_token(key, conn.generation);
             if !conn.state.reads() {
-                // Paused, flushing or closing: the bytes stay in the
-                // kernel, where they count against the client's window.
+                if conn.state == State::Waiting {
+                    // Not reading, so a reset would go unnoticed until
+                    // memory frees: look for one (the peer may be gone).
+                    if let Ok(Some(e)) | Err(e) = conn.stream.take_error() {
+                        log::debug!("[{}] failed while waiting: {e}", TokenName(token));
+                        conn.state.failed();
+                    }
+                }
+                // Paused, waiting, flushing or closing: the bytes stay in
+                // the kernel, where they count against the client's window.
                 return;
             }
             if budget == 0 {
                 log::trace!("[{}] read budget spent: ready list", TokenName(token));
                 return self.push_ready(token);
+            }
+            if conn.state.talks() && self.protocol.backlog(&conn.session) {
+                // The protocol still holds input from an earlier read whose
+                // output budget ran out: act on it before reading more;
+                // but only once this client has read half of what it was
+                // sent, or a `/who` flood from a slow reader would pass
+                // `--max-buffer` by itself. Pausing gives that hysteresis.
+                if conn.queued() > self.config.max_buffer / 2 {
+                    log::debug!("[{}] held input waits for the reader", TokenName(token));
+                    return conn.state.output_full();
+                }
+                let (mut outbox, session) = conn.outbox_and_session(
+                    token,
+                    self.config.max_buffer,
+                    &mut self.broadcasts,
+                    &mut self.stats,
+                );
+                self.protocol.resume(session, &mut outbox);
+                if self.protocol.backlog(&conn.session) {
+                    return self.push_ready(token);
+                }
+                continue;
             }
             // Back-pressure: read no more than the output queue can take,
             // so echo never queues past `--max-buffer`.
@@ -81,7 +136,21 @@ impl<P: Protocol> EventLoop<P> {
                 log::debug!("[{}] output full: reading paused", TokenName(token));
                 return conn.state.output_full();
             }
-            let want = space.min(self.scratch.len()).min(budget);
+            let mut want = space.min(self.scratch.len()).min(budget);
+            let nothing_queued = conn.queued() == 0;
+            // ... and all connections together past `--max-memory`.
+            if let Some(room) = self.memory_room() {
+                if room < want.max(MIN_ROOM) {
+                    if P::MIRRORS_INPUT && nothing_queued && self.mirror(key, budget, read_until) {
+                        return;
+                    }
+                    if room < MIN_ROOM {
+                        return self.wait_for_memory(key);
+                    }
+                    want = room;
+                }
+            }
+            let conn = &mut self.conns[key];
             let buf = &mut self.scratch[..want];
             let n = match attempt(|| (&conn.stream).read(buf)) {
                 // Drained: wait for the next edge. Also what a spurious
@@ -123,6 +192,11 @@ impl<P: Protocol> EventLoop<P> {
                     self.protocol.eof(session, &mut outbox);
                 } else {
                     self.protocol.data(session, &buf[..n], &mut outbox);
+                    if self.protocol.backlog(&conn.session) {
+                        // This read's output budget is spent: the rest of
+                        // it next turn, after the others had theirs.
+                        return self.push_ready(token);
+                    }
                 }
             }
             if n == 0 {
@@ -196,6 +270,7 @@ impl<P: Protocol> EventLoop<P> {
             log::debug!("[{}] deregister failed: {e}", TokenName(token));
         }
         let conn = self.conns.remove(key);
+        self.memory -= conn.footprint();
         self.stats.count_close(reason);
         if reason == CloseReason::SlowConsumer {
             log::warn!(

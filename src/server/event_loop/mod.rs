@@ -36,6 +36,7 @@
 //!   `WouldBlock` is skipped. Only when the event was a fresh edge without
 //!   a hang-up; see [`ReadUntil`].
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +64,7 @@ use crate::protocol::Protocol;
 mod accept;
 mod broadcast;
 mod connections;
+mod memory;
 mod metrics;
 mod shutdown;
 mod timers;
@@ -181,6 +183,11 @@ pub(crate) struct EventLoop<P: Protocol> {
     /// broadcast was delivered; advanced once it is done.
     to_advance: Vec<Token>,
     timers: Timers,
+    /// Bytes all connections' output queues occupy (the sum of their
+    /// footprints), held under `--max-memory`; see `memory.rs`.
+    memory: usize,
+    /// Connections waiting for memory, in the order they began to wait.
+    waiting: VecDeque<Token>,
     stats: Stats,
     config: Config,
     max_connections: usize,
@@ -273,6 +280,8 @@ impl<P: Protocol> EventLoop<P> {
             broadcasts: Vec::new(),
             to_advance: Vec::new(),
             timers: Timers::default(),
+            memory: 0,
+            waiting: VecDeque::new(),
             stats: Stats::default(),
             config,
             max_connections,
@@ -337,6 +346,8 @@ impl<P: Protocol> EventLoop<P> {
             }
             self.ready.end_turn(turn);
             self.expire();
+            self.resume_waiting();
+            self.check_memory_count();
             self.stats.count_wakeup(n_events);
             self.stats.busy_nanos += woke.elapsed().as_nanos() as u64;
             if let Some(deadline) = self.shutdown_deadline {

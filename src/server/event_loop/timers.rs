@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{Accepting, EventLoop};
 use crate::protocol::Protocol;
 use crate::server::connection::{CloseReason, State};
+use crate::server::token::connection_key;
 use crate::server::LINGER;
 
 impl<P: Protocol> EventLoop<P> {
@@ -52,6 +53,17 @@ impl<P: Protocol> EventLoop<P> {
             }
         }
         self.serve_metrics_if_due();
+        // Entries of closed connections are skipped when due; tidy them
+        // away before they pile up (a closed connection costs nothing).
+        let conns = &self.conns;
+        let dropped = self.timers.tidy(conns.len(), |token| {
+            connection_key(token).is_some_and(|(key, generation)| {
+                conns.get(key).is_some_and(|c| c.generation == generation)
+            })
+        });
+        if dropped > 0 {
+            log::debug!("timers: tidied {dropped} entries of closed connections");
+        }
         let idle = self.config.idle_timeout.map(|d| d.as_millis() as u64);
         let linger = LINGER.as_millis() as u64;
         while let Some(token) = self.timers.pop_due(self.now) {

@@ -1,0 +1,242 @@
+//! `--max-memory`: one bound on the output queued for all clients.
+//!
+//! `--max-buffer` bounds one client's queue; without a bound on the sum,
+//! 19,000 clients that write and never read would each fill theirs, about
+//! 19 GB. So the loop keeps one running count, [`EventLoop::memory`]: the
+//! sum of every connection's [`OutQueue::footprint`] (owned chunks by
+//! capacity, so growth slack counts too). Every place that changes a queue
+//! adjusts it: a handler (its writes and its protocol's replies), a
+//! broadcast delivery, an accept (a greeting), a close.
+//!
+//! # Shared broadcast chunks count once per recipient
+//! A chat line sent to 1,000 clients is one allocation, but the count adds
+//! its length to each of the 1,000 queues that hold it. That over-counts
+//! the bytes, never under-counts them, so the bound holds whatever mix of
+//! sharing there is; it stays exact however far each recipient has
+//! written (a chunk lives as long as its slowest holder); and each
+//! recipient does pay real memory for it (a queue entry, and the chunk
+//! itself once the others have moved on). Counting once per chunk would
+//! need a shared table of live chunks for a saving only chat gets, and at
+//! the cap chat drops its biggest reader, which is the right one to drop
+//! either way.
+//!
+//! # At the cap
+//! What a protocol wants is its [`AtMemoryCap`]:
+//! - `Pause` (echo): a connection reads only while its read cannot take
+//!   the count past the cap (`count + read + GROWTH_SLACK ≤ cap`). One that
+//!   cannot moves to [`State::Waiting`] and joins a FIFO; once the count
+//!   has fallen to three quarters of the cap, waiting connections are
+//!   read again in the order they began to wait, as many as the room
+//!   allows, so nobody waits behind a newer arrival. Nothing is dropped:
+//!   the bytes stay in the kernel, where they count against the client's
+//!   TCP window. A client with nothing queued is still served at the cap
+//!   when the protocol [mirrors its input](Protocol::MIRRORS_INPUT): its
+//!   input is peeked, written back and consumed only as far as the socket
+//!   took it, so it queues nothing at all; a well-behaved client keeps
+//!   its latency while 19,000 others hold the memory.
+//! - `DropLargest` (chat): after each delivery, while the count is over
+//!   the cap, the client with the biggest queue is closed as a slow
+//!   consumer. The overshoot is one handler's output at most, of which
+//!   broadcast chunks are allocated once.
+
+use std::io::Read;
+
+use super::{EventLoop, ReadUntil};
+use crate::buffer::GROWTH_SLACK;
+use crate::net::io::attempt;
+use crate::net::ready::SCRATCH;
+use crate::protocol::{AtMemoryCap, Protocol};
+use crate::server::connection::{write_now, CloseReason, State};
+use crate::server::token::{connection_token, TokenName};
+
+#[cfg(doc)]
+use crate::buffer::OutQueue;
+
+/// A waiting connection is not woken for less room than this.
+const MIN_READ: usize = 4096;
+
+impl<P: Protocol> EventLoop<P> {
+    /// How many bytes a read may take now without the count passing the
+    /// cap; `None` when this protocol does not pause at the cap.
+    pub(super) fn memory_room(&self) -> Option<usize> {
+        (P::AT_MEMORY_CAP == AtMemoryCap::Pause).then(|| {
+            if self.memory == 0 {
+                // Nothing queued anywhere: one read may always go, or a
+                // cap below one read's worth would stop everyone for good.
+                return usize::MAX;
+            }
+            self.config
+                .max_memory
+                .saturating_sub(self.memory + GROWTH_SLACK)
+        })
+    }
+
+    /// Adds what a connection's queue grew by (or takes off what it
+    /// shrank by) since it occupied `before` bytes.
+    pub(super) fn recount(&mut self, key: usize, before: usize) {
+        let after = self.conns[key].footprint();
+        self.memory = self.memory + after - before;
+    }
+
+    /// [`EventLoop::recount`] inside a read loop: `held` is what the queue
+    /// occupied at the last count, and becomes what it occupies now.
+    pub(super) fn recount_from(&mut self, key: usize, held: &mut usize) {
+        let now = self.conns[key].footprint();
+        self.memory = self.memory + now - *held;
+        *held = now;
+    }
+
+    /// The connection at `key` cannot read without passing the cap: it
+    /// waits its turn.
+    pub(super) fn wait_for_memory(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let token = connection_token(key, conn.generation);
+        if conn.state == State::Open {
+            log::debug!(
+                "[{}] --max-memory reached ({} bytes queued): waiting",
+                TokenName(token),
+                self.memory
+            );
+            conn.state.memory_full();
+            self.waiting.push_back(token);
+        }
+    }
+
+    /// Once the count has fallen to three quarters of the cap, reads from
+    /// waiting connections again, oldest first, as many as the room allows
+    /// (each may take a scratch buffer's worth and its growth slack).
+    pub(super) fn resume_waiting(&mut self) {
+        let cap = self.config.max_memory;
+        if self.waiting.is_empty() || self.memory > cap - cap / 4 {
+            return;
+        }
+        // At least one goes: room is never less than one read's worth.
+        let mut room = (cap - self.memory).max(SCRATCH + GROWTH_SLACK);
+        while room >= MIN_READ {
+            let Some(token) = self.waiting.pop_front() else {
+                break;
+            };
+            // Entries of connections closed or moved on since are stale.
+            let Some(key) = self.key_of(token) else {
+                continue;
+            };
+            if self.conns[key].state.memory_freed() {
+                log::debug!("[{}] memory freed: reading again", TokenName(token));
+                self.conns[key].since = self.now;
+                room = room.saturating_sub(SCRATCH + GROWTH_SLACK);
+                self.push_ready(token);
+            }
+        }
+    }
+
+    /// Chat at the cap: closes the client with the most queued output.
+    /// Returns false when the count is within the cap (nothing to do).
+    pub(super) fn drop_largest_over_cap(&mut self) -> bool {
+        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest || self.memory <= self.config.max_memory {
+            return false;
+        }
+        let Some((key, bytes)) = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.state.is_closing())
+            .map(|(k, c)| (k, c.footprint()))
+            .max_by_key(|&(_, f)| f)
+            .filter(|&(_, f)| f > 0)
+        else {
+            return false;
+        };
+        let token = connection_token(key, self.conns[key].generation);
+        log::warn!(
+            "[{}] slow consumer: {} bytes queued in all passed --max-memory; \
+             disconnecting the biggest reader ({bytes} bytes)",
+            TokenName(token),
+            self.memory
+        );
+        self.close(key, CloseReason::SlowConsumer);
+        true
+    }
+
+    /// Serves a mirroring protocol's client at the cap without queueing:
+    /// peeks at its input, writes it back, and consumes only what the
+    /// socket took. When the socket takes less (the client does not read),
+    /// the rest stays unread in the kernel and the connection waits for
+    /// memory like any other. Returns false when the socket cannot peek
+    /// (Unix), and the caller waits instead.
+    pub(super) fn mirror(&mut self, key: usize, mut budget: usize, read_until: ReadUntil) -> bool {
+        loop {
+            let conn = &mut self.conns[key];
+            let token = connection_token(key, conn.generation);
+            if budget == 0 {
+                self.push_ready(token);
+                return true;
+            }
+            let want = SCRATCH.min(budget);
+            let buf = &mut self.scratch[..want];
+            if conn.stream.is_unix() {
+                return false;
+            }
+            let peeked = attempt(|| conn.stream.peek(buf).unwrap_or(Ok(0)));
+            let n = match peeked {
+                Ok(None) => return true,
+                // EOF: the peer closed its side; the protocol hears of it
+                // as on the ordinary read path.
+                Ok(Some(0)) => {
+                    let (mut outbox, session) = conn.outbox_and_session(
+                        token,
+                        self.config.max_buffer,
+                        &mut self.broadcasts,
+                        &mut self.stats,
+                    );
+                    self.protocol.eof(session, &mut outbox);
+                    conn.state.read_eof();
+                    return true;
+                }
+                Ok(Some(n)) => n,
+                Err(e) => {
+                    log::debug!("[{}] peek failed: {e}", TokenName(token));
+                    conn.state.failed();
+                    return true;
+                }
+            };
+            let sent = match write_now(&conn.stream, &buf[..n], &mut self.stats) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::debug!("[{}] write failed: {e}", TokenName(token));
+                    conn.state.failed();
+                    return true;
+                }
+            };
+            if sent > 0 {
+                // The peeked bytes are in the socket, so this read takes
+                // exactly `sent` of them; anything else is a broken socket.
+                match attempt(|| (&conn.stream).read(&mut buf[..sent])) {
+                    Ok(Some(m)) if m == sent => {}
+                    other => {
+                        log::debug!("[{}] consume after peek: {other:?}", TokenName(token));
+                        conn.state.failed();
+                        return true;
+                    }
+                }
+                self.stats.bytes_in += sent as u64;
+                conn.since = self.now;
+                budget -= sent;
+            }
+            log::trace!("[{}] at the cap: mirrored {sent} of {n}", TokenName(token));
+            if sent < n {
+                self.wait_for_memory(key);
+                return true;
+            }
+            if cfg!(target_os = "linux") && read_until == ReadUntil::ShortRead && n < want {
+                return true;
+            }
+        }
+    }
+
+    /// Debug builds: the running count equals the sum it stands for.
+    pub(super) fn check_memory_count(&self) {
+        if cfg!(debug_assertions) {
+            let sum: usize = self.conns.iter().map(|(_, c)| c.footprint()).sum();
+            assert_eq!(self.memory, sum, "memory count drifted");
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! `--max-memory` and the other promises under abuse, on real sockets:
+//! a flood of clients that write and never read, chat's biggest reader,
+//! `/quit` while still sending, a `/who` flood, the pause hysteresis and
+//! timers after churn.
+
+mod common;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use socket2::{Domain, Socket, Type};
+
+/// A client socket with small kernel buffers, so what it sends and does
+/// not read back waits in the server's queues, not in the kernel.
+fn small_window_client(addr: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.set_send_buffer_size(16384).unwrap();
+    s.connect_timeout(&addr.into(), TIMEOUT).unwrap();
+    let s: TcpStream = s.into();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Clients that each write a slice of one pattern and read nothing.
+struct Flood {
+    socks: Vec<TcpStream>,
+    sent: Vec<usize>,
+    data: Arc<Vec<u8>>,
+}
+
+impl Flood {
+    /// `n` clients each write up to `each` bytes, until the server stops
+    /// taking more from all of them (half a second with no progress).
+    fn start(addr: SocketAddr, n: usize, each: usize) -> Flood {
+        let data = Arc::new(pattern(7, each + n));
+        let socks: Vec<TcpStream> = (0..n).map(|_| small_window_client(addr)).collect();
+        for s in &socks {
+            s.set_nonblocking(true).unwrap();
+        }
+        let mut sent = vec![0; n];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_millis(500) {
+            let mut progress = false;
+            for (i, mut s) in socks.iter().enumerate() {
+                if sent[i] >= each {
+                    continue;
+                }
+                let end = (sent[i] + 64 * 1024).min(each);
+                match s.write(&data[i + sent[i]..i + end]) {
+                    Ok(k) => {
+                        sent[i] += k;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("flood client {i}: {e}"),
+                }
+            }
+            if progress {
+                quiet_since = Instant::now();
+            } else {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Flood { socks, sent, data }
+    }
+
+    fn total(&self) -> usize {
+        self.sent.iter().sum()
+    }
+
+    /// Every client reads, all at once, until it has its bytes back; each
+    /// must be exactly what it sent.
+    fn read_back(self) {
+        let mut got: Vec<Vec<u8>> = self.sent.iter().map(|&n| Vec::with_capacity(n)).collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let mut done = true;
+            for (i, mut s) in self.socks.iter().enumerate() {
+                if got[i].len() >= self.sent[i] {
+                    continue;
+                }
+                done = false;
+                match s.read(&mut buf) {
+                    Ok(0) => panic!("client {i}: EOF after {} bytes", got[i].len()),
+                    Ok(k) => got[i].extend_from_slice(&buf[..k]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("client {i}: {e}"),
+                }
+            }
+            if done {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the flood did not get its bytes back"
+            );
+        }
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(g.len(), self.sent[i], "client {i}: too many bytes");
+            assert!(
+                g[..] == self.data[i..i + self.sent[i]],
+                "client {i}: bytes differ"
+            );
+        }
+    }
+}
+
+const CAP: usize = 16 << 20;
+
+#[test]
+fn a_memory_flood_is_held_to_the_cap_and_every_byte_comes_back() {
+    let server = Server::start(&["--max-memory", &CAP.to_string()]);
+    let before = server.rss_kib();
+    let flood = Flood::start(server.addr, 100, 8 << 20);
+    // Without the cap the server would queue most of this (about 250 MB).
+    assert!(flood.total() > 4 * CAP, "only {} bytes sent", flood.total());
+    let grown = server.rss_kib().saturating_sub(before) as usize * 1024;
+    eprintln!(
+        "flood: {} MiB sent, RSS grew {} MiB",
+        flood.total() >> 20,
+        grown >> 20
+    );
+    assert!(
+        grown <= CAP + (16 << 20),
+        "RSS grew {} MiB with a {} MiB cap",
+        grown >> 20,
+        CAP >> 20
+    );
+    // A client that reads is still served at the cap, at once.
+    let healthy = server.connect();
+    let data = Arc::new(pattern(99, 200_000));
+    assert!(echo_roundtrip(&healthy, data.clone()) == *data);
+    flood.read_back();
+    // And once the flood has read, memory is free for everyone again.
+    let again = server.connect();
+    assert!(echo_roundtrip(&again, data.clone()) == *data);
+}
+
+#[test]
+fn a_flood_read_back_one_client_at_a_time_still_gets_every_byte() {
+    let server = Server::start(&["--max-memory", "4194304"]);
+    let flood = Flood::start(server.addr, 50, 512 * 1024);
+    let mut got = 0;
+    for (i, s) in flood.socks.iter().enumerate() {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let back = read_n(&mut &*s, flood.sent[i]);
+        assert!(back[..] == flood.data[i..i + flood.sent[i]], "client {i}");
+        got += back.len();
+    }
+    assert_eq!(got, flood.total());
+}
+
+#[test]
+fn chat_drops_the_biggest_reader_at_the_memory_cap() {
+    let server = Server::start(&[
+        "--mode",
+        "chat",
+        "--max-memory",
+        "1048576",
+        "--max-buffer",
+        "8388608",
+    ]);
+    let sink = small_window_client(server.addr);
+    let mut watcher = BufReader::new(server.connect());
+    let mut line = String::new();
+    watcher.read_line(&mut line).unwrap(); // welcome
+    let mut talker = server.connect();
+    let talk = thread::spawn(move || {
+        let text = format!("{}\n", "x".repeat(1000));
+        for _ in 0..4000 {
+            if talker.write_all(text.as_bytes()).is_err() {
+                break;
+            }
+        }
+        talker
+    });
+    // The watcher reads everything; the sink reads nothing and is dropped.
+    loop {
+        line.clear();
+        assert!(watcher.read_line(&mut line).unwrap() > 0, "watcher closed");
+        if line == "* guest-1 left\n" {
+            break;
+        }
+    }
+    server.wait_for_log("--max-memory");
+    drop(talk.join().unwrap());
+    drop(sink);
+}
+
+#[test]
+fn quit_while_still_sending_gets_bye_not_a_reset() {
+    let server = Server::start(&["--mode", "chat"]);
+    let s = server.connect();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let _ = w.write_all(b"/quit\n");
+        // Keep sending after the quit: without the linger, closing with
+        // this unread input makes a reset that can destroy `* bye`.
+        let junk = vec![b'j'; 64 * 1024];
+        for _ in 0..32 {
+            if w.write_all(&junk).is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    // Read to the end: a clean EOF, not a reset, must follow `* bye`.
+    let mut got = Vec::new();
+    let mut buf = [0; 4096];
+    let end = loop {
+        match (&s).read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    writer.join().unwrap();
+    assert_eq!(got, b"* welcome guest-1\n* bye\n");
+    assert!(end.is_ok(), "the connection ended with {end:?}, not EOF");
+}
+
+#[test]
+fn a_who_flood_is_answered_in_full_and_others_are_served_meanwhile() {
+    let server = Server::start(&["--mode", "chat"]);
+    // 40 clients with 32-byte names make each answer about 1.4 KB.
+    let mut crowd = Vec::new();
+    for i in 0..40 {
+        let mut c = BufReader::new(server.connect());
+        writeln!(c.get_mut(), "/nick {:0>32}", i).unwrap();
+        crowd.push(c);
+    }
+    // A small window: the answers wait in the server, not in the kernel.
+    let attacker = small_window_client(server.addr);
+    let mut line = String::new();
+    let mut watcher = BufReader::new(server.connect());
+    let talker = server.connect();
+    let flood = b"/who\n".repeat(64 * 1024 / 5);
+    let count = flood.len() / 5;
+    let mut a = attacker.try_clone().unwrap();
+    let reader = thread::spawn(move || {
+        let mut r = BufReader::new(a.try_clone().unwrap());
+        let mut answers = 0;
+        let mut l = Vec::new();
+        while answers < count {
+            if answers % 1000 == 0 {
+                // A slow reader: it still gets everything.
+                thread::sleep(Duration::from_millis(20));
+            }
+            l.clear();
+            assert!(r.read_until(b'\n', &mut l).unwrap() > 0, "attacker closed");
+            if l.starts_with(b"* online: ") {
+                answers += 1;
+            }
+        }
+        a.flush().unwrap();
+        answers
+    });
+    (&attacker).write_all(&flood).unwrap();
+    // Others' lines are relayed while the flood is answered.
+    (&talker).write_all(b"still here\n").unwrap();
+    loop {
+        line.clear();
+        assert!(watcher.read_line(&mut line).unwrap() > 0);
+        if line.ends_with(": still here\n") {
+            break;
+        }
+    }
+    assert_eq!(reader.join().unwrap(), count, "every /who answered");
+}
+
+#[test]
+fn a_paused_client_is_not_read_again_before_its_queue_drained_to_half() {
+    // Trace logs show every read and every pause. The client writes 16 MiB
+    // through a 4 MiB buffer and reads slowly, so reading pauses; then it
+    // reads fast, so whole write budgets drain while the queue is still
+    // above half and put the connection on the ready list while paused
+    // (that retry must not read). How many retries happen is the kernel's
+    // business, so only the reads are asserted.
+    let server = Server::start(&["--max-buffer", "4194304", "--log-level", "trace"]);
+    let s = server.connect();
+    let data = Arc::new(pattern(5, 16 << 20));
+    let mut w = s.try_clone().unwrap();
+    let d = data.clone();
+    let writer = thread::spawn(move || w.write_all(&d).unwrap());
+    let mut got = Vec::with_capacity(data.len());
+    let mut buf = vec![0; 1 << 20];
+    while got.len() < data.len() {
+        // Slowly at first, so the queue fills and reading pauses; then
+        // fast, so whole write budgets drain while it is still paused and
+        // put it on the ready list.
+        let slow = got.len() < 6 << 20;
+        let want = if slow { 16 * 1024 } else { buf.len() };
+        let n = (&s).read(&mut buf[..want]).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+        if slow {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    writer.join().unwrap();
+    assert!(got == *data);
+    let log = server.stderr_text();
+    let mut paused = false;
+    let (mut pauses, mut retries_while_paused) = (0, 0);
+    for l in log.lines().filter(|l| l.contains("[conn ")) {
+        if l.contains("output full: reading paused") {
+            paused = true;
+            pauses += 1;
+        } else if l.contains("output drained: reading again") {
+            paused = false;
+        } else if paused && l.contains("budget spent") {
+            retries_while_paused += 1;
+        } else if paused && l.contains("] read ") {
+            panic!("read while paused: {l}");
+        }
+    }
+    eprintln!("{pauses} pauses, {retries_while_paused} ready-list entries while paused");
+    assert!(pauses > 0, "the client was never paused");
+}
+
+#[test]
+fn churn_with_a_long_idle_timeout_leaves_no_timers_behind() {
+    let server = Server::start(&["--idle-timeout", "3600", "--log-level", "debug"]);
+    let before = server.rss_kib();
+    for _ in 0..5000 {
+        let s = server.connect();
+        drop(s);
+    }
+    // Each closed connection left an idle entry due in an hour; they are
+    // tidied once they could outnumber the live ones.
+    server.wait_for_log("timers: tidied");
+    let grown = server.rss_kib().saturating_sub(before);
+    assert!(grown < 8 * 1024, "RSS grew {grown} KiB");
+}
+
+#[test]
+fn a_client_turned_away_while_sending_gets_the_line_and_an_eof() {
+    let server = Server::start(&["--mode", "chat", "--max-connections", "1"]);
+    let mut first = BufReader::new(server.connect());
+    let mut line = String::new();
+    first.read_line(&mut line).unwrap();
+    for _ in 0..5 {
+        let s = server.connect();
+        // Sent before the server gets round to accepting it: unread input
+        // at the close would make a reset that can destroy the line.
+        (&s).write_all(b"hello, is there room?\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0; 256];
+        let end = loop {
+            match (&s).read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        assert_eq!(got, b"* error: server full\n");
+        assert!(end.is_ok(), "ended with {end:?}");
+    }
+}
