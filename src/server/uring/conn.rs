@@ -253,7 +253,7 @@ impl Outbox for UringOutbox<'_> {
 
     fn close(&mut self, how: Close) {
         *self.phase = Phase::Draining;
-        if how == Close::Reject {
+        if how == Close::Linger {
             *self.flags |= flag::REJECT;
         }
     }

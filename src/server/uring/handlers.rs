@@ -69,6 +69,7 @@ impl<P: Protocol> Engine<P> {
         conn.stamp = self.now;
         if conn.phase != Phase::Open {
             // Draining or lingering: input is read and dropped.
+            self.stats.bytes_discarded += buf.len() as u64;
             return;
         }
         let bytes = self.ring.bytes(buf);
@@ -157,6 +158,29 @@ impl<P: Protocol> Engine<P> {
             // The EOF came in behind the held bytes.
             self.protocol_eof(key);
         }
+    }
+
+    /// Shutdown: hands held input to the protocol whatever the limit (it
+    /// was read, so its echo is owed; it is at most one wake-up's worth).
+    pub(super) fn feed_stash(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let Some(o) = conn.out.as_mut() else { return };
+        if o.stash.is_empty() || conn.phase != Phase::Open {
+            return;
+        }
+        let stash = std::mem::take(&mut o.stash);
+        let mut outbox = UringOutbox {
+            tag: tag_of(key, conn.generation),
+            out: &mut conn.out,
+            flags: &mut conn.flags,
+            phase: &mut conn.phase,
+            limit: self.config.max_buffer + stash.len(),
+            broadcasts: &mut self.broadcasts,
+            dirty: &mut self.dirty,
+            spare: &mut self.spare,
+        };
+        self.protocol.data(&mut conn.session, &stash, &mut outbox);
+        conn.flags &= !flag::PAUSED;
     }
 
     pub(super) fn on_sent(&mut self, tag: u64, result: io::Result<usize>, mut batch: Batch) {

@@ -165,11 +165,18 @@ impl<P: Protocol> Engine<P> {
             self.closing.push(l.into());
             drop(file);
         }
+        // Every client gets what was read from it; then, as for chat's
+        // too-long line, the write side is shut and input dropped until
+        // EOF or the linger time: closing with the client's input unread
+        // would send a reset that destroys output it has not read yet.
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
+            self.feed_stash(key);
             let conn = &mut self.conns[key];
-            conn.phase = Phase::Draining;
-            conn.flags &= !flag::REJECT;
+            if conn.phase != Phase::Lingering {
+                conn.phase = Phase::Draining;
+                conn.flags |= flag::REJECT;
+            }
             self.settle(key);
         }
         Ok(())

@@ -276,7 +276,7 @@ impl<P: Protocol> Engine<P> {
                 self.on_sent(tag, result, batch);
                 Ok(())
             }
-            Event::Polled { .. } => self.on_signal(),
+            Event::Polled => self.on_signal(),
         }
     }
 

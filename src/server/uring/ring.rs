@@ -93,11 +93,6 @@ impl Batch {
         self.chunks.iter().map(|c| c.bytes().len()).sum::<usize>() - self.head
     }
 
-    /// True when nothing is left to send.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Drops `n` sent bytes from the front.
     pub fn consume(&mut self, mut n: usize) {
         let mut done = 0;
@@ -139,11 +134,6 @@ impl RecvBuf {
     pub fn len(&self) -> usize {
         self.len as usize
     }
-
-    /// True for an empty buffer (never produced: EOF has no buffer).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// A completion, translated.
@@ -178,11 +168,8 @@ pub enum Event {
         /// The batch, whole (the caller drops what was sent).
         batch: Batch,
     },
-    /// A one-shot poll fired.
-    Polled {
-        /// The caller's tag.
-        tag: u64,
-    },
+    /// A one-shot poll fired (the signal pipe: there is only one).
+    Polled,
 }
 
 /// The provided-buffer ring: `count` buffers of `size` bytes, of which the
@@ -577,7 +564,7 @@ impl Ring {
                     batch: flight.batch,
                 })
             }
-            POLL => Some(Event::Polled { tag }),
+            POLL => Some(Event::Polled),
             _ => None,
         }
     }
