@@ -66,7 +66,7 @@ const SQ_ENTRIES: u32 = 4096;
 /// are provided whenever the kernel runs out, up to the most).
 const BUF_SIZE: usize = 4096;
 const BUF_MAX: u16 = 8192;
-const BUF_INITIAL: u16 = 256;
+const BUF_INITIAL: u16 = 64;
 /// After `EMFILE`, try accepting again at the latest this much later.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// How long a rejected chat client's input is discarded before the close.

@@ -194,11 +194,14 @@ impl Pool {
         let entries_layout =
             Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mem_layout = Layout::from_size_align(count as usize * size, 4096)
+        // Buffers need no alignment of their own. Asking for none more than
+        // malloc's lets the allocator use calloc, which maps fresh zero
+        // pages rather than writing zeroes: a buffer's pages cost RSS only
+        // once the kernel first fills it. (A 4096 alignment here went
+        // through aligned_alloc and memset, and touched all 32 MiB.)
+        let mem_layout = Layout::from_size_align(count as usize * size, 16)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: both layouts have a non-zero size. Zeroed memory of this
-        // size comes straight from mmap, so pages cost nothing until used:
-        // the buffers never provided stay out of RSS.
+        // SAFETY: both layouts have a non-zero size.
         let (entries, mem) = unsafe {
             (
                 alloc::alloc_zeroed(entries_layout) as *mut BufRingEntry,
