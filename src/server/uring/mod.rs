@@ -67,6 +67,17 @@ const SQ_ENTRIES: u32 = 4096;
 const BUF_SIZE: usize = 4096;
 const BUF_MAX: u16 = 8192;
 const BUF_INITIAL: u16 = 64;
+/// Wake-up batching: (completions, µs). Experimental knob, read from
+/// `REACTOR_URING_BATCH=N,US` while it is being measured.
+fn wait_batch() -> (usize, u32) {
+    std::env::var("REACTOR_URING_BATCH")
+        .ok()
+        .and_then(|v| {
+            let (n, us) = v.split_once(',')?;
+            Some((n.parse().ok()?, us.parse().ok()?))
+        })
+        .unwrap_or((1, 0))
+}
 /// After `EMFILE`, try accepting again at the latest this much later.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// How long a rejected chat client's input is discarded before the close.
@@ -151,7 +162,7 @@ pub fn new_engine<P: Protocol>(
         .saturating_mul(2)
         .clamp(4096, 65536)
         .next_power_of_two();
-    let ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
+    let mut ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
         let why = match e.raw_os_error() {
             Some(libc::EPERM) => {
                 " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
@@ -164,6 +175,16 @@ pub fn new_engine<P: Protocol>(
             "io_uring unavailable: {e}{why}; use the default engine (--engine reactor)"
         ))
     })?;
+    let (want, us) = wait_batch();
+    let batched = us > 0 && ring.batch_waits(want, us);
+    log::info!(
+        "io_uring: wake-ups {}",
+        if batched {
+            format!("batched (up to {want} completions, at most {us} µs after the first)")
+        } else {
+            "on the first completion".into()
+        }
+    );
     log::info!(
         "io_uring: {} completion entries, {} receive buffers of {} bytes provided",
         ring.cq_entries(),
