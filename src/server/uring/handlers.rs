@@ -10,6 +10,7 @@ use super::conn::{flag, queue_shared, GoneOutbox, Phase, UringOutbox};
 use super::ring::{Batch, RecvBuf};
 use super::{tag_of, Engine, LINGER};
 use crate::protocol::Protocol;
+use crate::server::CloseReason;
 
 impl<P: Protocol> Engine<P> {
     pub(super) fn on_received(
@@ -226,12 +227,11 @@ impl<P: Protocol> Engine<P> {
     pub(super) fn settle(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         if conn.has(flag::FAILED) {
-            return self.close(key, "error");
+            return self.close(key, CloseReason::Error);
         }
         if conn.has(flag::OVERFLOW) {
-            self.stats.dropped_slow += 1;
             log::warn!("[conn {key}] slow consumer: output passed --max-buffer, disconnecting");
-            return self.close(key, "slow consumer");
+            return self.close(key, CloseReason::SlowConsumer);
         }
         if conn.has(flag::PAUSED) && conn.queued() <= self.config.max_buffer / 2 {
             self.resume(key);
@@ -239,7 +239,7 @@ impl<P: Protocol> Engine<P> {
         let conn = &mut self.conns[key];
         if conn.phase == Phase::Draining && conn.queued() == 0 {
             if !conn.has(flag::REJECT) {
-                return self.close(key, "done");
+                return self.close(key, CloseReason::Done);
             }
             // Shut our side so the client sees the error line and EOF,
             // then drop what it still sends until it closes or the linger
@@ -257,13 +257,18 @@ impl<P: Protocol> Engine<P> {
         let wants_input =
             !conn.has(flag::READ_CLOSED | flag::PAUSED) && conn.phase != Phase::Draining;
         if !wants_input && conn.queued() == 0 && !conn.has(flag::RECV_ARMED) {
-            return self.close(key, "finished");
+            let reason = if conn.phase == Phase::Lingering {
+                CloseReason::PeerClosed
+            } else {
+                CloseReason::Done
+            };
+            return self.close(key, reason);
         }
         let tag = tag_of(key, conn.generation);
         if wants_input && !conn.has(flag::RECV_ARMED) {
             if let Err(e) = self.ring.recv_multi(conn.fd.as_fd(), tag) {
                 log::warn!("[conn {key}] cannot arm a receive: {e}");
-                return self.close(key, "error");
+                return self.close(key, CloseReason::Error);
             }
             conn.flags |= flag::RECV_ARMED;
         } else if !wants_input && conn.has(flag::RECV_ARMED) && !conn.has(flag::CANCELLING) {
@@ -281,7 +286,7 @@ impl<P: Protocol> Engine<P> {
     }
 
     /// Closes and forgets a connection, and tells the protocol.
-    pub(super) fn close(&mut self, key: usize, why: &str) {
+    pub(super) fn close(&mut self, key: usize, reason: CloseReason) {
         let conn = self.conns.remove(key);
         let tag = tag_of(key, conn.generation);
         // The ring holds its own reference to the socket while an
@@ -297,9 +302,8 @@ impl<P: Protocol> Engine<P> {
         if let Some(o) = conn.out {
             self.spare.put_out(o);
         }
-        self.stats.active -= 1;
-        self.stats.closed += 1;
-        log::debug!("[conn {key}] closed ({why})");
+        self.stats.count_close(reason);
+        log::debug!("[conn {key}] closed ({})", reason.as_str());
         let mut outbox = GoneOutbox {
             tag,
             broadcasts: &mut self.broadcasts,

@@ -7,6 +7,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use super::conn::{flag, Conn, Phase, UringOutbox};
 use super::{tag_of, Accepting, Engine, ACCEPT_RETRY, SHUTDOWN_GRACE, TCP, UNIX};
 use crate::protocol::Protocol;
+use crate::server::event_loop::concerns_one_connection;
+use crate::server::CloseReason;
 
 impl<P: Protocol> Engine<P> {
     /// Arms a multishot accept on each listener that has none.
@@ -40,12 +42,13 @@ impl<P: Protocol> Engine<P> {
             // Accepted while shutting down: dropped, so closed at once.
             Ok(fd) if self.accepting == Accepting::Off => drop(fd),
             Ok(fd) => self.open(fd, tag == UNIX),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                return self.pause_accepting(e)
-            }
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-            // ECONNABORTED and friends concern that one connection.
-            Err(e) => log::debug!("accept failed: {e}"),
+            // ECONNABORTED and friends concern that one connection, which
+            // has left the backlog: accepting on cannot spin.
+            Err(e) if concerns_one_connection(&e) => log::debug!("accept failed: {e}"),
+            // Out of descriptors or memory, or an error we do not expect:
+            // it would fail again at once, so pause rather than spin.
+            Err(e) => return self.pause_accepting(e),
         }
         if self.accepting == Accepting::On {
             self.arm_accepts()?;
@@ -58,13 +61,19 @@ impl<P: Protocol> Engine<P> {
     /// accepts that fail at once. Pending connects wait in the backlog.
     fn pause_accepting(&mut self, e: io::Error) -> io::Result<()> {
         if self.emfile_at.is_none() {
+            let what = match e.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",
+                Some(libc::ENOBUFS | libc::ENOMEM) => "out of memory for sockets",
+                _ => "unexpected error",
+            };
             log::warn!(
-                "accept: {e} (open-file limit reached with {} clients); \
-                 serving them and accepting again once descriptors free up",
+                "accept: {e} ({what} with {} clients); serving them and accepting \
+                 again once resources free up",
                 self.conns.len()
             );
             self.emfile_at = Some(self.conns.len());
         }
+        self.stats.accept_paused += 1;
         self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
         for (tag, armed) in [TCP, UNIX].into_iter().zip(self.accept_armed) {
             if armed {
@@ -223,12 +232,12 @@ impl<P: Protocol> Engine<P> {
                 (_, None) => continue,
             };
             if due <= self.now {
-                let why = if conn.phase == Phase::Lingering {
-                    "linger over"
+                let reason = if conn.phase == Phase::Lingering {
+                    CloseReason::LingerOver
                 } else {
-                    "idle"
+                    CloseReason::Idle
                 };
-                self.close(key, why);
+                self.close(key, reason);
                 self.deliver();
             } else {
                 self.timers.push(due, token);

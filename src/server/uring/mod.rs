@@ -162,7 +162,11 @@ pub fn new_engine<P: Protocol>(
         .saturating_mul(2)
         .clamp(4096, 65536)
         .next_power_of_two();
-    let mut ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
+    let buf_size = std::env::var("REACTOR_URING_BUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BUF_SIZE);
+    let mut ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, buf_size, BUF_INITIAL).map_err(|e| {
         let why = match e.raw_os_error() {
             Some(libc::EPERM) => {
                 " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
@@ -189,7 +193,7 @@ pub fn new_engine<P: Protocol>(
         "io_uring: {} completion entries, {} receive buffers of {} bytes provided",
         ring.cq_entries(),
         ring.buffers_provided(),
-        BUF_SIZE
+        buf_size
     );
     let io = ServeError::Io;
     let (signals, pipe_in) = UnixStream::pair().map_err(io)?;
