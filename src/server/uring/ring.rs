@@ -211,6 +211,19 @@ impl Pool {
         if entries.is_null() || mem.is_null() {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
+        // With transparent huge pages on "always", one byte written into
+        // an untouched 2 MiB stretch of the pool could cost 2 MiB of RSS;
+        // the pool is meant to cost a page per buffer used. Advice only:
+        // if the kernel refuses it, nothing is wrong.
+        // SAFETY: madvise on memory this allocation owns, whole; it does
+        // not change the memory's contents or validity.
+        unsafe {
+            let start = (mem as usize).next_multiple_of(4096);
+            let end = (mem as usize + mem_layout.size()) & !4095;
+            if end > start {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_NOHUGEPAGE);
+            }
+        }
         Ok(Pool {
             entries,
             entries_layout,
@@ -272,6 +285,8 @@ pub struct Ring {
     /// to this many completions, but no longer than this many µs once one
     /// has arrived.
     batch: Option<(usize, u32)>,
+    /// The pool grew during this batch of completions.
+    grown: bool,
 }
 
 impl Ring {
@@ -319,6 +334,7 @@ impl Ring {
             flights: Slab::new(),
             timeout: Timespec::new(),
             batch: None,
+            grown: false,
         })
     }
 
@@ -513,6 +529,7 @@ impl Ring {
 
     /// Reaps every completion into `out`.
     pub fn complete(&mut self, out: &mut Vec<Event>) {
+        self.grown = false;
         // Collected first: translating a send needs `self.flights` while
         // the completion queue borrows the ring.
         let mut raw: Vec<(u64, i32, u32)> = Vec::with_capacity(64);
@@ -552,9 +569,13 @@ impl Ring {
             }),
             RECV => {
                 let result = if res < 0 {
-                    if res == -libc::ENOBUFS {
+                    if res == -libc::ENOBUFS && !self.grown {
                         // Every provided buffer is filled and not yet
-                        // given back: provide more, if any are left.
+                        // given back: provide more, if any are left; once
+                        // per batch of completions, however many
+                        // receives ran dry in it, so a burst doubles the
+                        // pool once, not once per connection.
+                        self.grown = true;
                         if self.pool.grow() {
                             log::debug!(
                                 "io_uring: {} receive buffers provided",
