@@ -221,7 +221,11 @@ impl Pool {
             let start = (mem as usize).next_multiple_of(4096);
             let end = (mem as usize + mem_layout.size()) & !4095;
             if end > start {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_NOHUGEPAGE);
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_NOHUGEPAGE,
+                );
             }
         }
         Ok(Pool {
