@@ -36,7 +36,7 @@ use std::alloc::{self, Layout};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::time::Duration;
 
 use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
@@ -53,6 +53,9 @@ const RECV: u64 = 2;
 const SEND: u64 = 3;
 const POLL: u64 = 4;
 const CANCEL: u64 = 5;
+
+/// Numbers the rings of this process (one, in practice).
+static NEXT_RING_ID: AtomicU32 = AtomicU32::new(0);
 
 /// The buffer group id of the one provided-buffer ring.
 const BGID: u16 = 0;
@@ -127,6 +130,9 @@ struct Flight {
 pub struct RecvBuf {
     bid: u16,
     len: u32,
+    /// The ring whose pool it names: a `RecvBuf` from another ring would
+    /// name a buffer of this pool that the kernel may be filling.
+    ring: u32,
 }
 
 impl RecvBuf {
@@ -291,6 +297,8 @@ pub struct Ring {
     batch: Option<(usize, u32)>,
     /// The pool grew during this batch of completions.
     grown: bool,
+    /// Tells this ring's `RecvBuf`s from another's.
+    id: u32,
 }
 
 impl Ring {
@@ -339,6 +347,7 @@ impl Ring {
             timeout: Timespec::new(),
             batch: None,
             grown: false,
+            id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -352,6 +361,21 @@ impl Ring {
         }
         self.batch = Some((want, min_wait_us));
         true
+    }
+
+    /// Provides more receive buffers (doubling, up to the most), at most
+    /// once per batch of completions however many receives ran dry in it.
+    /// False when nothing was added.
+    pub fn grow_pool(&mut self) -> bool {
+        if self.grown {
+            return false;
+        }
+        self.grown = true;
+        let grew = self.pool.grow();
+        if grew {
+            log::debug!("io_uring: {} receive buffers provided", self.pool.provided);
+        }
+        grew
     }
 
     /// Completion queue entries.
@@ -573,20 +597,6 @@ impl Ring {
             }),
             RECV => {
                 let result = if res < 0 {
-                    if res == -libc::ENOBUFS && !self.grown {
-                        // Every provided buffer is filled and not yet
-                        // given back: provide more, if any are left; once
-                        // per batch of completions, however many
-                        // receives ran dry in it, so a burst doubles the
-                        // pool once, not once per connection.
-                        self.grown = true;
-                        if self.pool.grow() {
-                            log::debug!(
-                                "io_uring: {} receive buffers provided",
-                                self.pool.provided
-                            );
-                        }
-                    }
                     Err(err())
                 } else {
                     match cqueue::buffer_select(flags) {
@@ -600,6 +610,7 @@ impl Ring {
                         Some(bid) => Ok(Some(RecvBuf {
                             bid,
                             len: res as u32,
+                            ring: self.id,
                         })),
                         None if res == 0 => Ok(None),
                         None => Err(io::ErrorKind::InvalidData.into()),
@@ -626,6 +637,7 @@ impl Ring {
 
     /// The bytes of a filled buffer.
     pub fn bytes(&self, b: &RecvBuf) -> &[u8] {
+        assert_eq!(b.ring, self.id, "a receive buffer of another ring");
         // SAFETY: `b` came from a completion, so the kernel has finished
         // writing buffer `b.bid` (`b.len` bytes, at most `size`) and will
         // not take it again until `recycle` puts it back on the ring, which
@@ -640,6 +652,7 @@ impl Ring {
 
     /// Gives a buffer back to the kernel.
     pub fn recycle(&mut self, b: RecvBuf) {
+        assert_eq!(b.ring, self.id, "a receive buffer of another ring");
         self.pool.provide(b.bid);
     }
 }
