@@ -48,15 +48,11 @@ impl<P: Protocol> Engine<P> {
                     self.protocol_eof(key);
                 }
             }
-            // Out of pool buffers; `settle` re-arms. More buffers only when
-            // there are few per connection: buffers in use should grow
-            // with the number of clients, not with one client's flood
-            // (which just waits for the next turn's recycled buffers).
+            // Out of pool buffers: provide more (at most once per batch of
+            // completions); `settle` re-arms.
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 log::trace!("[conn {key}] receive: no buffer, re-arming");
-                if self.ring.buffers_provided() < 2 * self.conns.len() {
-                    self.ring.grow_pool();
-                }
+                self.ring.grow_pool();
             }
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
             Err(e) => {

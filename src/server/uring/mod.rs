@@ -70,15 +70,6 @@ const SQ_ENTRIES: u32 = 4096;
 const BUF_SIZE: usize = 4096;
 const BUF_MAX: u16 = 8192;
 const BUF_INITIAL: u16 = 64;
-/// Wake-up batching (kernels from 6.12, `IORING_FEAT_MIN_TIMEOUT`): a
-/// wait returns once this many completions are in, or this many µs after
-/// the first one. Waking for every single completion made the loop enter
-/// the kernel about once per message when it was faster than its clients
-/// (1.09 `io_uring_enter` and 0.14 sleeps per ping-pong message, against
-/// 0.03 and 0.03 batched): the bound trades at most this much latency for
-/// fuller wake-ups.
-const WAIT_BATCH: usize = 64;
-const WAIT_BATCH_US: u32 = 50;
 /// After `EMFILE`, try accepting again at the latest this much later.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// How long a rejected chat client's input is discarded before the close.
@@ -163,7 +154,7 @@ pub fn new_engine<P: Protocol>(
         .saturating_mul(2)
         .clamp(4096, 65536)
         .next_power_of_two();
-    let mut ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
+    let ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
         let why = match e.raw_os_error() {
             Some(libc::EPERM) => {
                 " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
@@ -176,16 +167,6 @@ pub fn new_engine<P: Protocol>(
             "io_uring unavailable: {e}{why}; use the default engine (--engine reactor)"
         ))
     })?;
-    let (want, us) = (WAIT_BATCH, WAIT_BATCH_US);
-    let batched = ring.batch_waits(want, us);
-    log::info!(
-        "io_uring: wake-ups {}",
-        if batched {
-            format!("batched (up to {want} completions, at most {us} µs after the first)")
-        } else {
-            "on the first completion".into()
-        }
-    );
     log::info!(
         "io_uring: {} completion entries, {} receive buffers of {} bytes provided",
         ring.cq_entries(),

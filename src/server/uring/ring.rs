@@ -291,10 +291,6 @@ pub struct Ring {
     /// Kept from one submission to the next so `io_uring_enter` gets a
     /// stable pointer; only read by the kernel during the call.
     timeout: Timespec,
-    /// Wait batching (kernels with `IORING_FEAT_MIN_TIMEOUT`): wait for up
-    /// to this many completions, but no longer than this many µs once one
-    /// has arrived.
-    batch: Option<(usize, u32)>,
     /// The pool grew during this batch of completions.
     grown: bool,
     /// Tells this ring's `RecvBuf`s from another's.
@@ -345,22 +341,9 @@ impl Ring {
             pool,
             flights: Slab::new(),
             timeout: Timespec::new(),
-            batch: None,
             grown: false,
             id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         })
-    }
-
-    /// Wakes up for `want` completions, or `min_wait_us` after the first
-    /// one, whichever comes first: fewer, fuller wake-ups under load, at
-    /// most `min_wait_us` of added latency. False (and nothing changes)
-    /// where the kernel cannot (before 6.12).
-    pub fn batch_waits(&mut self, want: usize, min_wait_us: u32) -> bool {
-        if !self.uring.params().is_feature_min_timeout() || want <= 1 {
-            return false;
-        }
-        self.batch = Some((want, min_wait_us));
-        true
     }
 
     /// Provides more receive buffers (doubling, up to the most), at most
@@ -527,22 +510,12 @@ impl Ring {
     /// at most `timeout` (`None`: as long as it takes). One system call.
     /// A timeout or a signal is not an error.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let (want, min_wait) = match self.batch {
-            Some((want, us)) => (want, us),
-            None => (1, 0),
-        };
         let r = match timeout {
-            None if want == 1 => self.uring.submit_and_wait(1),
-            None => {
-                let args = SubmitArgs::new().min_wait_usec(min_wait);
-                self.uring.submitter().submit_with_args(want, &args)
-            }
+            None => self.uring.submit_and_wait(1),
             Some(t) => {
                 self.timeout = Timespec::from(t);
-                let args = SubmitArgs::new()
-                    .min_wait_usec(min_wait)
-                    .timespec(&self.timeout);
-                self.uring.submitter().submit_with_args(want, &args)
+                let args = SubmitArgs::new().timespec(&self.timeout);
+                self.uring.submitter().submit_with_args(1, &args)
             }
         };
         match r {
