@@ -54,6 +54,10 @@ const SEND: u64 = 3;
 const POLL: u64 = 4;
 const CANCEL: u64 = 5;
 
+/// Batches of completions in a row that must run out of receive buffers
+/// before the pool grows.
+const STARVED_BATCHES: u32 = 3;
+
 /// Numbers the rings of this process (one, in practice).
 static NEXT_RING_ID: AtomicU32 = AtomicU32::new(0);
 
@@ -293,6 +297,10 @@ pub struct Ring {
     timeout: Timespec,
     /// The pool grew during this batch of completions.
     grown: bool,
+    /// Batches in a row in which a receive ran out of buffers, and whether
+    /// this one did.
+    starved: u32,
+    starved_now: bool,
     /// Tells this ring's `RecvBuf`s from another's.
     id: u32,
 }
@@ -342,15 +350,21 @@ impl Ring {
             flights: Slab::new(),
             timeout: Timespec::new(),
             grown: false,
+            starved: 0,
+            starved_now: false,
             id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
-    /// Provides more receive buffers (doubling, up to the most), at most
-    /// once per batch of completions however many receives ran dry in it.
-    /// False when nothing was added.
+    /// A receive found no buffer. Provides more (doubling, up to the most)
+    /// once receives have run dry in [`STARVED_BATCHES`] batches of
+    /// completions in a row, and at most once per batch: a one-off burst
+    /// (every idle client speaking at once) only waits a turn for recycled
+    /// buffers, while sustained load still gets the buffers it needs.
+    /// True when buffers were added.
     pub fn grow_pool(&mut self) -> bool {
-        if self.grown {
+        self.starved_now = true;
+        if self.grown || self.starved < STARVED_BATCHES {
             return false;
         }
         self.grown = true;
@@ -531,6 +545,12 @@ impl Ring {
     /// Reaps every completion into `out`.
     pub fn complete(&mut self, out: &mut Vec<Event>) {
         self.grown = false;
+        self.starved = if self.starved_now {
+            self.starved + 1
+        } else {
+            0
+        };
+        self.starved_now = false;
         // Collected first: translating a send needs `self.flights` while
         // the completion queue borrows the ring.
         let mut raw: Vec<(u64, i32, u32)> = Vec::with_capacity(64);
