@@ -301,6 +301,8 @@ pub struct Ring {
     /// this one did.
     starved: u32,
     starved_now: bool,
+    /// Completions as reaped, before translation (kept for its capacity).
+    raw: Vec<(u64, i32, u32)>,
     /// Tells this ring's `RecvBuf`s from another's.
     id: u32,
 }
@@ -352,6 +354,7 @@ impl Ring {
             grown: false,
             starved: 0,
             starved_now: false,
+            raw: Vec::new(),
             id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -542,8 +545,9 @@ impl Ring {
         }
     }
 
-    /// Reaps every completion into `out`.
-    pub fn complete(&mut self, out: &mut Vec<Event>) {
+    /// Reaps up to `max` completions into `out` (the rest wait for the
+    /// next call: the caller's buffers stay small however many came).
+    pub fn complete(&mut self, out: &mut Vec<Event>, max: usize) {
         self.grown = false;
         self.starved = if self.starved_now {
             self.starved + 1
@@ -553,23 +557,20 @@ impl Ring {
         self.starved_now = false;
         // Collected first: translating a send needs `self.flights` while
         // the completion queue borrows the ring.
-        let mut raw: Vec<(u64, i32, u32)> = Vec::with_capacity(64);
-        loop {
-            raw.clear();
-            raw.extend(
-                self.uring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
-            if raw.is_empty() {
-                return;
-            }
-            for &(user_data, res, flags) in &raw {
-                if let Some(e) = self.translate(user_data, res, flags) {
-                    out.push(e);
-                }
+        let mut raw = std::mem::take(&mut self.raw);
+        raw.clear();
+        raw.extend(
+            self.uring
+                .completion()
+                .take(max)
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(user_data, res, flags) in &raw {
+            if let Some(e) = self.translate(user_data, res, flags) {
+                out.push(e);
             }
         }
+        self.raw = raw;
     }
 
     fn translate(&mut self, user_data: u64, res: i32, flags: u32) -> Option<Event> {
