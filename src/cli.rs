@@ -63,6 +63,8 @@ pub enum EngineArg {
     Reactor,
     /// One blocking thread per client.
     Threads,
+    /// One thread, one io_uring (completion-based I/O, Linux).
+    Uring,
 }
 
 /// Load workload, as named on the command line.
@@ -134,7 +136,8 @@ pub struct ServeArgs {
     /// Also listen on a Unix-domain stream socket here.
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
-    /// `threads`: one blocking thread per client, for comparison.
+    /// `threads`: one blocking thread per client, for comparison; `uring`:
+    /// one thread around one io_uring (completion-based I/O, Linux).
     #[arg(long, value_enum, default_value_t = EngineArg::Reactor)]
     pub engine: EngineArg,
     /// Worker processes, each one event loop, sharing the port (SO_REUSEPORT).
@@ -327,6 +330,7 @@ impl ServeArgs {
             engine: match self.engine {
                 EngineArg::Reactor => Engine::Reactor,
                 EngineArg::Threads => Engine::Threads,
+                EngineArg::Uring => Engine::Uring,
             },
             workers: self.workers.get(),
             worker: self.worker_index,

@@ -27,14 +27,18 @@
 //!    `token` (which token is which socket), `connection` (one client's
 //!    state machine, `state.rs`, and its writes), `event_loop` (the reactor
 //!    itself, one `mio::Poll`, split by idea: accept, connections,
-//!    broadcast, timers, shutdown), `timer`, `udp`, `listen`, and
-//!    `threads` (one thread per client, for comparison);
+//!    broadcast, timers, shutdown), `timer`, `udp`, `listen`,
+//!    `threads` (one thread per client, for comparison), and `uring` (one
+//!    thread around one io_uring: completions, not readiness; its
+//!    `ring.rs` is the crate's only `unsafe`);
 //!    [`server::supervisor`] runs N worker processes on one port.
 //! 6. [`client`]: `reactor connect`, `reactor load` (past one process:
 //!    [`client::load::processes`], [`client::load::merge`]) and `reactor top`.
 //! 7. [`cli`]: every clap definition, turned into the plain configurations
 //!    above; shared by the binary and its tests.
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: the io_uring engine's one module
+// (`server::uring::ring`) allows unsafe code, and nothing else may.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod buffer;

@@ -71,10 +71,10 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
-fn chat(args: &[&str]) -> Server {
+fn chat(engine: &str, args: &[&str]) -> Server {
     let mut all = vec!["--mode", "chat", "--log-level", "warn"];
     all.extend_from_slice(args);
-    Server::start(&all)
+    Server::start_engine(engine, &all)
 }
 
 /// Joins `n` clients, each having read every later `joined` line, so the
@@ -91,19 +91,18 @@ fn room(server: &Server, n: usize) -> Vec<(Client, String)> {
     people
 }
 
-#[test]
-fn welcome_joined_and_guest_numbers() {
-    let server = chat(&[]);
+fn welcome_joined_and_guest_numbers(engine: &str) {
+    let server = chat(engine, &[]);
     let mut p = room(&server, 3);
     assert_eq!(p[0].1, "guest-1");
     assert_eq!(p[2].1, "guest-3");
     p[0].0.say("/who\n");
     assert_eq!(p[0].0.line(), "* online: guest-1, guest-2, guest-3");
 }
+engines!(welcome_joined_and_guest_numbers: reactor, uring);
 
-#[test]
-fn a_line_reaches_everyone_but_the_sender_in_order() {
-    let server = chat(&[]);
+fn a_line_reaches_everyone_but_the_sender_in_order(engine: &str) {
+    let server = chat(engine, &[]);
     let mut p = room(&server, 4);
     for i in 0..20 {
         p[1].0.say(&format!("message {i}\r\n"));
@@ -120,20 +119,20 @@ fn a_line_reaches_everyone_but_the_sender_in_order() {
         }
     }
 }
+engines!(a_line_reaches_everyone_but_the_sender_in_order: reactor, uring);
 
-#[test]
-fn empty_lines_are_ignored_and_bytes_need_not_be_utf8() {
-    let server = chat(&[]);
+fn empty_lines_are_ignored_and_bytes_need_not_be_utf8(engine: &str) {
+    let server = chat(engine, &[]);
     let mut p = room(&server, 2);
     p[0].0.w.write_all(b"\n\r\n\xff\xfe ok\n").unwrap();
     let mut raw = Vec::new();
     p[1].0.r.read_until(b'\n', &mut raw).unwrap();
     assert_eq!(raw, b"guest-1: \xff\xfe ok\n");
 }
+engines!(empty_lines_are_ignored_and_bytes_need_not_be_utf8: reactor, uring);
 
-#[test]
-fn nick_rules() {
-    let server = chat(&[]);
+fn nick_rules(engine: &str) {
+    let server = chat(engine, &[]);
     let mut p = room(&server, 2);
     p[0].0.say("/nick alice\n");
     assert_eq!(p[0].0.line(), "* guest-1 is now alice");
@@ -159,10 +158,10 @@ fn nick_rules() {
     assert_eq!(p[0].0.line(), format!("* guest-2 is now {}", &long[..32]));
     assert_eq!(p[1].0.line(), "alice: hi");
 }
+engines!(nick_rules: reactor, uring);
 
-#[test]
-fn unknown_commands_are_refused_to_the_sender_only() {
-    let server = chat(&[]);
+fn unknown_commands_are_refused_to_the_sender_only(engine: &str) {
+    let server = chat(engine, &[]);
     let mut p = room(&server, 2);
     p[0].0.say("/shout hi\n");
     assert_eq!(p[0].0.line(), "* error: unknown command");
@@ -175,11 +174,11 @@ fn unknown_commands_are_refused_to_the_sender_only() {
         "nothing else reached the other client"
     );
 }
+engines!(unknown_commands_are_refused_to_the_sender_only: reactor, uring);
 
-#[test]
-fn quit_and_disconnect_say_bye_then_close_and_others_see_left() {
+fn quit_and_disconnect_say_bye_then_close_and_others_see_left(engine: &str) {
     for cmd in ["/quit\n", "!DISCONNECT\n", "!DISCONNECT\r\n"] {
-        let server = chat(&[]);
+        let server = chat(engine, &[]);
         let mut p = room(&server, 2);
         p[0].0.say(cmd);
         assert_eq!(p[0].0.line(), "* bye");
@@ -187,10 +186,10 @@ fn quit_and_disconnect_say_bye_then_close_and_others_see_left() {
         assert_eq!(p[1].0.line(), "* guest-1 left");
     }
 }
+engines!(quit_and_disconnect_say_bye_then_close_and_others_see_left: reactor, uring);
 
-#[test]
-fn eof_and_reset_are_announced_as_left() {
-    let server = chat(&[]);
+fn eof_and_reset_are_announced_as_left(engine: &str) {
+    let server = chat(engine, &[]);
     let mut p = room(&server, 3);
     p[0].0.w.shutdown(Shutdown::Write).unwrap();
     assert_eq!(p[2].0.line(), "* guest-1 left");
@@ -198,10 +197,10 @@ fn eof_and_reset_are_announced_as_left() {
     drop(p.remove(1));
     assert_eq!(p[1].0.line(), "* guest-2 left");
 }
+engines!(eof_and_reset_are_announced_as_left: reactor, uring);
 
-#[test]
-fn max_line_exactly_is_accepted_and_one_more_closes_with_an_error() {
-    let server = chat(&["--max-line", "10"]);
+fn max_line_exactly_is_accepted_and_one_more_closes_with_an_error(engine: &str) {
+    let server = chat(engine, &["--max-line", "10"]);
     let mut p = room(&server, 2);
     p[0].0.say("0123456789\r\n");
     assert_eq!(p[1].0.line(), "guest-1: 0123456789");
@@ -210,10 +209,10 @@ fn max_line_exactly_is_accepted_and_one_more_closes_with_an_error() {
     assert!(p[0].0.closed());
     assert_eq!(p[1].0.line(), "* guest-1 left");
 }
+engines!(max_line_exactly_is_accepted_and_one_more_closes_with_an_error: reactor, uring);
 
-#[test]
-fn ten_mebibytes_without_a_newline_is_cut_off_and_memory_stays_bounded() {
-    let server = chat(&[]);
+fn ten_mebibytes_without_a_newline_is_cut_off_and_memory_stays_bounded(engine: &str) {
+    let server = chat(engine, &[]);
     let before = server.rss_kib();
     let (mut c, _) = Client::joined(&server);
     let mut w = c.w.try_clone().unwrap();
@@ -231,10 +230,10 @@ fn ten_mebibytes_without_a_newline_is_cut_off_and_memory_stays_bounded() {
     let grown = server.rss_kib().saturating_sub(before);
     assert!(grown < 4096, "server grew by {grown} KiB");
 }
+engines!(ten_mebibytes_without_a_newline_is_cut_off_and_memory_stays_bounded: reactor, uring);
 
-#[test]
-fn a_slow_consumer_is_dropped_while_ten_others_keep_chatting() {
-    let server = chat(&["--max-buffer", "65536"]);
+fn a_slow_consumer_is_dropped_while_ten_others_keep_chatting(engine: &str) {
+    let server = chat(engine, &["--max-buffer", "65536"]);
     // The slow client asks for a small receive buffer so that the kernel
     // does not soak up megabytes for it before the server has to decide.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -283,6 +282,7 @@ fn a_slow_consumer_is_dropped_while_ten_others_keep_chatting() {
     server.wait_for_log("slow consumer");
     drop(slow);
 }
+engines!(a_slow_consumer_is_dropped_while_ten_others_keep_chatting: reactor, uring);
 
 /// Reads a pending `* guest-1 left` line if one is waiting.
 fn c_nonblocking_check(c: &mut Client, seen: &mut bool) {
@@ -295,9 +295,8 @@ fn c_nonblocking_check(c: &mut Client, seen: &mut bool) {
     c.r.get_ref().set_nonblocking(false).unwrap();
 }
 
-#[test]
-fn a_thousand_clients_receive_a_broadcast() {
-    let server = chat(&[]);
+fn a_thousand_clients_receive_a_broadcast(engine: &str) {
+    let server = chat(engine, &[]);
     let mut clients: Vec<Client> = (0..1000).map(|_| Client::join(&server)).collect();
     // Each client reads its welcome and every later join notice.
     let n = clients.len();
@@ -312,13 +311,14 @@ fn a_thousand_clients_receive_a_broadcast() {
         assert_eq!(c.line(), "guest-1: hello, everyone");
     }
 }
+engines!(a_thousand_clients_receive_a_broadcast: reactor, uring);
 
-#[test]
-fn a_full_server_says_so_and_counts_the_rejected_guest() {
-    let server = chat(&["--max-connections", "1"]);
+fn a_full_server_says_so_and_counts_the_rejected_guest(engine: &str) {
+    let server = chat(engine, &["--max-connections", "1"]);
     let (_a, name) = Client::joined(&server);
     assert_eq!(name, "guest-1");
     let mut b = Client::join(&server);
     assert_eq!(b.line(), "* error: server full");
     assert!(b.closed());
 }
+engines!(a_full_server_says_so_and_counts_the_rejected_guest: reactor, uring);

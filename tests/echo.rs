@@ -33,9 +33,8 @@ fn wait_until_blocked(sent: &AtomicUsize) {
 mod integrity {
     use super::*;
 
-    #[test]
-    fn a_hundred_clients_get_back_payloads_from_one_byte_to_one_mebibyte() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn a_hundred_clients_get_back_payloads_from_one_byte_to_one_mebibyte(engine: &str) {
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let sizes = [1usize, 2, 100, 1400, 4096, 65_535, 65_536, 300_001, 1 << 20];
         let clients: Vec<_> = (0..120u64)
             .map(|i| {
@@ -53,10 +52,10 @@ mod integrity {
             c.join().unwrap();
         }
     }
+    engines!(a_hundred_clients_get_back_payloads_from_one_byte_to_one_mebibyte: reactor, uring);
 
-    #[test]
-    fn replies_keep_order_across_many_small_writes() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn replies_keep_order_across_many_small_writes(engine: &str) {
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let mut s = server.connect();
         let mut expect = Vec::new();
         for i in 0..2000u32 {
@@ -66,14 +65,14 @@ mod integrity {
         }
         assert_eq!(read_n(&mut s, expect.len()), expect);
     }
+    engines!(replies_keep_order_across_many_small_writes: reactor, uring);
 }
 
 mod half_close {
     use super::*;
 
-    #[test]
-    fn everything_sent_before_eof_is_echoed_then_the_server_closes() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn everything_sent_before_eof_is_echoed_then_the_server_closes(engine: &str) {
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let mut s = server.connect();
         let data = pattern(7, 200_000);
         let mut w = s.try_clone().unwrap();
@@ -86,14 +85,15 @@ mod half_close {
         writer.join().unwrap();
         assert!(got == data, "got {} of {} bytes", got.len(), data.len());
     }
+    engines!(everything_sent_before_eof_is_echoed_then_the_server_closes: reactor, uring);
 
-    #[test]
-    fn eof_with_nothing_sent_closes() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn eof_with_nothing_sent_closes(engine: &str) {
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let mut s = server.connect();
         s.shutdown(Shutdown::Write).unwrap();
         assert!(read_to_eof(&mut s).is_empty());
     }
+    engines!(eof_with_nothing_sent_closes: reactor, uring);
 }
 
 mod back_pressure {
@@ -102,9 +102,8 @@ mod back_pressure {
     /// A client writes 64 MiB and reads nothing until its writes block.
     /// The server must stop reading it rather than buffer: its memory
     /// stays near where it started, and then every byte arrives in order.
-    #[test]
-    fn a_client_that_does_not_read_cannot_grow_server_memory() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn a_client_that_does_not_read_cannot_grow_server_memory(engine: &str) {
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let baseline = server.rss_kib();
         let total = 64 << 20;
         let data = Arc::new(pattern(64, total));
@@ -136,10 +135,11 @@ mod back_pressure {
         writer.join().unwrap();
         assert!(got == *data, "the echo of 64 MiB differs");
     }
+    engines!(a_client_that_does_not_read_cannot_grow_server_memory: reactor, uring);
 
-    #[test]
-    fn a_slow_reader_does_not_slow_the_others() {
-        let server = Server::start(&["--log-level", "warn", "--max-buffer", "65536"]);
+    fn a_slow_reader_does_not_slow_the_others(engine: &str) {
+        let server =
+            Server::start_engine(engine, &["--log-level", "warn", "--max-buffer", "65536"]);
         let stalled = server.connect();
         let mut w = stalled.try_clone().unwrap();
         thread::spawn(move || {
@@ -154,14 +154,15 @@ mod back_pressure {
         }
         drop(stalled);
     }
+    engines!(a_slow_reader_does_not_slow_the_others: reactor, uring);
 }
 
 mod many_clients {
     use super::*;
 
-    #[test]
-    fn five_thousand_concurrent_connections_all_echo() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn five_thousand_concurrent_connections_all_echo(engine: &str) {
+        let _one_at_a_time = many_sockets();
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let mut clients: Vec<_> = (0..5000).map(|_| server.connect()).collect();
         for (i, c) in clients.iter_mut().enumerate() {
             c.write_all(format!("client {i:05}\n").as_bytes()).unwrap();
@@ -170,14 +171,15 @@ mod many_clients {
             assert_eq!(read_n(c, 13), format!("client {i:05}\n").as_bytes());
         }
     }
+    engines!(five_thousand_concurrent_connections_all_echo: reactor, uring);
 
     /// The memory target is 64 bytes per idle connection in a release
     /// build (measured in docs/benchmarks.md). Here, in a debug build with
     /// mio's extra bookkeeping, check the real point: no buffers per idle
     /// connection (one would cost at least 4 KiB).
-    #[test]
-    fn idle_connections_own_no_buffers() {
-        let server = Server::start(&["--log-level", "warn"]);
+    fn idle_connections_own_no_buffers(engine: &str) {
+        let _one_at_a_time = many_sockets();
+        let server = Server::start_engine(engine, &["--log-level", "warn"]);
         let mut warm: Vec<_> = (0..100).map(|_| server.connect()).collect();
         for c in &mut warm {
             c.write_all(b"x").unwrap();
@@ -199,14 +201,15 @@ mod many_clients {
             "{per_conn} bytes of RSS per idle connection"
         );
     }
+    engines!(idle_connections_own_no_buffers: reactor, uring);
 }
 
 mod limits {
     use super::*;
 
-    #[test]
-    fn past_max_connections_new_clients_are_closed_at_once() {
-        let server = Server::start(&["--log-level", "warn", "--max-connections", "3"]);
+    fn past_max_connections_new_clients_are_closed_at_once(engine: &str) {
+        let server =
+            Server::start_engine(engine, &["--log-level", "warn", "--max-connections", "3"]);
         let mut held: Vec<_> = (0..3).map(|_| server.connect()).collect();
         for c in &mut held {
             c.write_all(b"in").unwrap();
@@ -225,10 +228,10 @@ mod limits {
             c.write_all(b"ok").is_ok() && matches!(c.read(&mut buf), Ok(2))
         });
     }
+    engines!(past_max_connections_new_clients_are_closed_at_once: reactor, uring);
 
-    #[test]
-    fn an_idle_client_is_closed_and_a_busy_one_is_not() {
-        let server = Server::start(&["--log-level", "warn", "--idle-timeout", "2"]);
+    fn an_idle_client_is_closed_and_a_busy_one_is_not(engine: &str) {
+        let server = Server::start_engine(engine, &["--log-level", "warn", "--idle-timeout", "2"]);
         let mut idle = server.connect();
         let mut busy = server.connect();
         let start = Instant::now();
@@ -242,14 +245,15 @@ mod limits {
         busy.write_all(b"still").unwrap();
         assert_eq!(read_n(&mut busy, 5), b"still");
     }
+    engines!(an_idle_client_is_closed_and_a_busy_one_is_not: reactor, uring);
 }
 
 mod lifecycle {
     use super::*;
 
-    #[test]
-    fn sigterm_flushes_queued_output_then_exits_zero() {
-        let mut server = Server::start(&["--log-level", "info", "--max-buffer", "262144"]);
+    fn sigterm_flushes_queued_output_then_exits_zero(engine: &str) {
+        let mut server =
+            Server::start_engine(engine, &["--log-level", "info", "--max-buffer", "262144"]);
         let s = server.connect();
         let mut w = s.try_clone().unwrap();
         let data = Arc::new(pattern(9, 8 << 20));
@@ -304,6 +308,7 @@ mod lifecycle {
         assert!(echoed >= 256 * 1024, "the server's queue was full: {line}");
         assert_eq!(got.len(), echoed, "{line}");
     }
+    engines!(sigterm_flushes_queued_output_then_exits_zero: reactor, uring);
 
     #[test]
     fn a_port_in_use_exits_one_with_one_line_on_stderr() {
@@ -331,6 +336,9 @@ mod lifecycle {
             &["serve", "--addr", "nonsense"],
             &["serve", "--mode", "telnet"],
             &["serve", "--mode", "chat", "--udp", "127.0.0.1:0"],
+            &["serve", "--engine", "uring", "--udp", "127.0.0.1:0"],
+            &["serve", "--engine", "uring", "--workers", "2"],
+            &["serve", "--engine", "uring", "--metrics", "127.0.0.1:0"],
         ] {
             let out = Command::new(bin()).args(args).output().unwrap();
             assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -366,9 +374,8 @@ mod descriptors {
     /// Under a soft limit of 64 descriptors the server fills up, keeps
     /// serving the clients it has without spinning, and accepts the
     /// waiting ones once some leave.
-    #[test]
-    fn running_out_of_descriptors_pauses_accepting_without_spinning() {
-        let server = Server::start_with_fd_limit(64, &["--max-connections", "1000"]);
+    fn running_out_of_descriptors_pauses_accepting_without_spinning(engine: &str) {
+        let server = Server::start_engine_with_fd_limit(engine, 64, &["--max-connections", "1000"]);
         let mut first: Vec<_> = (0..30).map(|_| server.connect()).collect();
         for c in &mut first {
             c.write_all(b"a").unwrap();
@@ -403,4 +410,5 @@ mod descriptors {
             1
         );
     }
+    engines!(running_out_of_descriptors_pauses_accepting_without_spinning: reactor, uring);
 }

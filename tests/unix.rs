@@ -37,10 +37,10 @@ impl Drop for TempPath {
     }
 }
 
-fn unix_server(path: &TempPath, extra: &[&str]) -> Server {
+fn unix_server(engine: &str, path: &TempPath, extra: &[&str]) -> Server {
     let mut args = vec!["--log-level", "info", "--unix", path.as_str()];
     args.extend_from_slice(extra);
-    let mut server = Server::start(&args);
+    let mut server = Server::start_engine(engine, &args);
     assert_eq!(
         server.next_stdout_line(),
         format!("listening on unix {}", path.as_str())
@@ -55,10 +55,9 @@ fn unix_client(path: &Path) -> UnixStream {
     s
 }
 
-#[test]
-fn echo_over_a_unix_socket() {
+fn echo_over_a_unix_socket(engine: &str) {
     let path = TempPath::new();
-    let server = unix_server(&path, &[]);
+    let server = unix_server(engine, &path, &[]);
     let mut s = unix_client(&path.0);
     let data = pattern(11, 300_000);
     let mut w = s.try_clone().unwrap();
@@ -74,6 +73,7 @@ fn echo_over_a_unix_socket() {
     let tcp = Arc::new(pattern(2, 1000));
     assert!(echo_roundtrip(&server.connect(), tcp.clone()) == *tcp);
 }
+engines!(echo_over_a_unix_socket: reactor, uring);
 
 fn line(r: &mut impl BufRead) -> String {
     let mut l = String::new();
@@ -81,10 +81,9 @@ fn line(r: &mut impl BufRead) -> String {
     l
 }
 
-#[test]
-fn chat_clients_on_tcp_and_unix_see_each_other() {
+fn chat_clients_on_tcp_and_unix_see_each_other(engine: &str) {
     let path = TempPath::new();
-    let server = unix_server(&path, &["--mode", "chat"]);
+    let server = unix_server(engine, &path, &["--mode", "chat"]);
     let tcp = server.connect();
     let mut tcp_r = BufReader::new(tcp.try_clone().unwrap());
     assert_eq!(line(&mut tcp_r), "* welcome guest-1\n");
@@ -100,23 +99,24 @@ fn chat_clients_on_tcp_and_unix_see_each_other() {
     unix.write_all(b"/who\n").unwrap();
     assert_eq!(line(&mut unix_r), "* online: tcp_side, guest-2\n");
 }
+engines!(chat_clients_on_tcp_and_unix_see_each_other: reactor, uring);
 
-#[test]
-fn a_stale_socket_file_is_replaced() {
+fn a_stale_socket_file_is_replaced(engine: &str) {
     let path = TempPath::new();
     // A listener that "crashed": its file stays, nobody accepts on it.
     drop(UnixListener::bind(&path.0).unwrap());
     assert!(path.0.exists());
-    let _server = unix_server(&path, &[]);
+    let _server = unix_server(engine, &path, &[]);
     let mut s = unix_client(&path.0);
     s.write_all(b"ping").unwrap();
     assert_eq!(read_n(&mut s, 4), b"ping");
 }
+engines!(a_stale_socket_file_is_replaced: reactor, uring);
 
 #[test]
 fn a_path_held_by_a_live_server_is_refused() {
     let path = TempPath::new();
-    let _first = unix_server(&path, &[]);
+    let _first = unix_server("reactor", &path, &[]);
     let out = run_bounded(
         &["serve", "--addr", "127.0.0.1:0", "--unix", path.as_str()],
         b"",
@@ -145,20 +145,20 @@ fn a_path_that_is_not_a_socket_is_left_alone() {
     assert_eq!(std::fs::read(&path.0).unwrap(), b"precious");
 }
 
-#[test]
-fn the_socket_file_is_removed_on_sigterm() {
+fn the_socket_file_is_removed_on_sigterm(engine: &str) {
     let path = TempPath::new();
-    let mut server = unix_server(&path, &[]);
+    let mut server = unix_server(engine, &path, &[]);
     assert!(path.0.exists());
     server.terminate();
     assert!(server.wait().success());
     assert!(!path.0.exists(), "socket file left behind");
 }
+engines!(the_socket_file_is_removed_on_sigterm: reactor, uring);
 
 #[test]
 fn connect_over_unix() {
     let path = TempPath::new();
-    let _server = unix_server(&path, &[]);
+    let _server = unix_server("reactor", &path, &[]);
     let out = run_bounded(
         &["connect", "--unix", path.as_str()],
         b"through a unix socket\n",
@@ -168,10 +168,9 @@ fn connect_over_unix() {
     assert_eq!(out.stdout, b"through a unix socket\n");
 }
 
-#[test]
-fn load_over_unix_runs_every_stream_workload() {
+fn load_over_unix_runs_every_stream_workload(engine: &str) {
     let path = TempPath::new();
-    let _server = unix_server(&path, &[]);
+    let _server = unix_server(engine, &path, &[]);
     for workload in ["echo", "hold", "churn"] {
         let (code, v) = load_json(&[
             "--unix",
@@ -190,3 +189,4 @@ fn load_over_unix_runs_every_stream_workload() {
         assert_eq!(v["settings"]["unix"], path.as_str());
     }
 }
+engines!(load_over_unix_runs_every_stream_workload: reactor, uring);

@@ -17,7 +17,9 @@ Parts (`--only`, comma-separated): echo, syscalls, hold, churn (medians of
 pairs (closed loop, 1,000 connections), fixed (an equal offered load with
 `--rate`, where CPU per message compares the servers alone), spread (the
 same 20,000 msgs/s over 1 to 1,000 connections: how often each server
-sleeps) and churn-pairs.
+sleeps) and churn-pairs. The io_uring engine (issue 15): uring (pairs of
+uring, reactor and the reference at equal load, ping-pong, --pipeline 16,
+and --pipeline 16 with 4 KiB messages), uring-syscalls, uring-hold.
 
 Needs Linux, python3, taskset, and perf (for system-call counts; skipped
 when missing). Only ever talks to 127.0.0.1.
@@ -47,8 +49,8 @@ def server_cmd(kind, port, extra=()):
         # Another build of reactor (say, an older commit) for before/after
         # pairs: `--servers reactor,reactor@/tmp/old/target/release/reactor`.
         return [kind.split("@", 1)[1], "serve", "--log-level", "warn", *addr, *extra]
-    if kind == "threads":
-        return [REACTOR, "serve", "--engine", "threads", "--log-level", "warn", *addr, *extra]
+    if kind in ("threads", "uring"):
+        return [REACTOR, "serve", "--engine", kind, "--log-level", "warn", *addr, *extra]
     if kind == "c-ref":
         return [ARGS.c_ref, *addr]
     raise ValueError(kind)
@@ -140,10 +142,11 @@ PORTS = iter(range(15100, 16000))
 
 SYSCALLS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_ctl",
             "syscalls:sys_enter_read", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_write",
-            "syscalls:sys_enter_sendto", "syscalls:sys_enter_writev"]
+            "syscalls:sys_enter_sendto", "syscalls:sys_enter_writev",
+            "syscalls:sys_enter_io_uring_enter"]
 
 
-def echo_run(kind, conns, pipeline, perf=False, rate=None):
+def echo_run(kind, conns, pipeline, perf=False, rate=None, size=64):
     """One closed-loop run (or open-loop at `rate` messages/s per connection)."""
     warmup, duration = 2, 6
     with Server(kind, next(PORTS)) as s:
@@ -157,12 +160,12 @@ def echo_run(kind, conns, pipeline, perf=False, rate=None):
                                               SYSCALLS if perf else None)
 
         pace = ["--rate", rate] if rate else ["--pipeline", pipeline]
-        v = load(port, ["-c", conns, *pace, "-s", 64, "-d", duration,
+        v = load(port, ["-c", conns, *pace, "-s", size, "-d", duration,
                         "--warmup", warmup, "--timeout", 30], during)
         holder["t"].join()
         w = holder["r"]
     msgs = v["msgs_per_sec"] * w["secs"]
-    row = {"server": kind, "connections": conns, "pipeline": pipeline, "ok": v["ok"],
+    row = {"server": kind, "connections": conns, "pipeline": pipeline, "size": size, "ok": v["ok"],
            "msgs_per_sec": v["msgs_per_sec"], "p50_us": v["latency_us"]["p50"],
            "p99_us": v["latency_us"]["p99"],
            "cpu_ns_per_msg": 1e9 * w["cpu_s"] / msgs if msgs else None,
@@ -257,6 +260,7 @@ def main():
                     help="comma-separated parts to run")
     ap.add_argument("--servers", default="reactor,c-ref,threads")
     ap.add_argument("--hold-reps", type=int, default=None)
+    ap.add_argument("--cells", default=None, help="uring part: which cells (default all)")
     ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed,spread,churn-pairs")
     ARGS = ap.parse_args()
     servers = ARGS.servers.split(",")
@@ -338,6 +342,47 @@ def main():
                 print(rep, r, flush=True)
                 rows.append(r)
         results["churn"] = median_rows(rows, ["server"])
+        save()
+    if "uring" in only:
+        # Issue 15's targets: the uring engine, the reactor and the C
+        # reference alternating (ratios are uring / C; the reactor runs in
+        # the same rounds for the readiness-vs-completion table).
+        kinds = ["uring", "reactor", "c-ref"]
+        u = results.setdefault("uring", {})
+        cells = {
+            "fixed_rate_60": lambda k: echo_run(k, 1000, 1, rate=60),
+            "pipeline_1": lambda k: echo_run(k, 1000, 1),
+            "pipeline_16": lambda k: echo_run(k, 1000, 16),
+            "pipeline_16_4k": lambda k: echo_run(k, 1000, 16, size=4096),
+        }
+        for name in ARGS.cells.split(",") if ARGS.cells else cells:
+            u[name] = paired(kinds, ARGS.pairs, cells[name])
+            for k in kinds[1:-1]:
+                u[name]["median_ratio_" + k] = {
+                    m: statistics.median(
+                        [a[m] / b[m] for a, b in zip(
+                            [r for r in u[name]["rows"] if r["server"] == k],
+                            [r for r in u[name]["rows"] if r["server"] == kinds[-1]])
+                         if a.get(m) and b.get(m)])
+                    for m in ("msgs_per_sec", "cpu_ns_per_msg", "p99_us")}
+            save()
+    if "uring-syscalls" in only and shutil.which("perf"):
+        rows = []
+        for pipeline in (1, 16):
+            for kind in ("uring", "reactor", "c-ref"):
+                r = echo_run(kind, 1000, pipeline, perf=True)
+                print(r, flush=True)
+                rows.append(r)
+        results["uring_syscalls"] = rows
+        save()
+    if "uring-hold" in only:
+        rows = []
+        for rep in range(ARGS.hold_reps or ARGS.reps):
+            for kind in ("uring", "reactor"):
+                r = hold_run(kind, 19900)
+                print(rep, r, flush=True)
+                rows.append(r)
+        results["uring_hold"] = median_rows(rows, ["server", "connections"])
         save()
     if "churn-pairs" in only:
         results["churn_pairs"] = paired(["reactor", "c-ref"], ARGS.pairs, churn_run)

@@ -7,7 +7,9 @@
 //!   the project), with `connection` (one client's state machine),
 //!   `token` (which token is which socket), `timer`, `udp` and `listen`;
 //! - `threads`: one blocking thread per client, the tutorial's design,
-//!   kept for comparison.
+//!   kept for comparison;
+//! - `uring`: one thread, one io_uring: completion-based I/O, the same
+//!   protocols (`docs/readiness-vs-completion.md`).
 //!
 //! [`Server`] runs the event loop in-process (tests, embedding): bind,
 //! read the address, run on a thread, stop through a [`StopHandle`].
@@ -26,6 +28,7 @@ pub(crate) mod threads;
 pub(crate) mod timer;
 pub(crate) mod token;
 pub(crate) mod udp;
+pub(crate) mod uring;
 
 pub use connection::CloseReason;
 pub use event_loop::StopHandle;
@@ -59,6 +62,8 @@ pub enum Engine {
     Reactor,
     /// One blocking thread per client.
     Threads,
+    /// One thread and one io_uring (Linux).
+    Uring,
 }
 
 /// Descriptors kept back from `--max-connections`' default for the
@@ -148,12 +153,16 @@ pub enum ServeError {
     Bind(String),
     /// The poll loop itself failed (exit 1).
     Io(io::Error),
+    /// The engine cannot run here: io_uring refused (exit 1).
+    Unavailable(String),
 }
 
 impl std::fmt::Display for ServeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ServeError::Usage(m) | ServeError::Bind(m) => f.write_str(m),
+            ServeError::Usage(m) | ServeError::Bind(m) | ServeError::Unavailable(m) => {
+                f.write_str(m)
+            }
             ServeError::Io(e) => write!(f, "event loop failed: {e}"),
         }
     }
@@ -332,6 +341,11 @@ fn check(config: &Config) -> Result<(), ServeError> {
             "--udp serves echo only; it cannot be used with --mode chat".into(),
         ));
     }
+    if config.udp.is_some() && config.engine == Engine::Uring {
+        return Err(ServeError::Usage(
+            "--udp is not served by --engine uring yet; use --engine reactor".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -349,6 +363,16 @@ fn max_connections(config: &Config) -> usize {
 /// Binds the listeners `config` asks for, prints one `listening on` line
 /// per listener on stdout, and serves until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), ServeError> {
+    if config.metrics.is_some() && config.engine == Engine::Uring {
+        return Err(ServeError::Usage(
+            "--metrics is not served by --engine uring yet; use --engine reactor".into(),
+        ));
+    }
+    if config.workers > 1 && config.engine == Engine::Uring {
+        return Err(ServeError::Usage(
+            "--workers is not served by --engine uring yet; use --engine reactor".into(),
+        ));
+    }
     if config.workers > 1 && config.worker.is_none() {
         if config.metrics.is_some() {
             // Each worker could serve its own snapshot, but the interface
@@ -391,6 +415,27 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             let announce = move || print_lines(&lines);
             threads::run(config, mode, max_connections, listeners, Box::new(announce))
                 .map_err(ServeError::Io)
+        }
+        Engine::Uring => {
+            check(&config)?;
+            let listeners = listen::Listeners::bind(&config)?;
+            let max_connections = max_connections(&config);
+            let lines = listening_lines(&config, &listeners).map_err(ServeError::Io)?;
+            // As above: the lines go out once the signal pipe is armed.
+            match config.mode {
+                Mode::Echo => {
+                    let engine = uring::new_engine(config, max_connections, listeners, Echo)?;
+                    print_lines(&lines).map_err(ServeError::Io)?;
+                    engine.run()
+                }
+                Mode::Chat => {
+                    let chat = Chat::new(config.max_line);
+                    let engine = uring::new_engine(config, max_connections, listeners, chat)?;
+                    print_lines(&lines).map_err(ServeError::Io)?;
+                    engine.run()
+                }
+            }
+            .map_err(ServeError::Io)
         }
     }
 }

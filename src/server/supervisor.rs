@@ -310,6 +310,7 @@ impl Supervisor {
         let engine = match c.engine {
             Engine::Reactor => "reactor",
             Engine::Threads => "threads",
+            Engine::Uring => "uring",
         };
         flag("engine", engine.into());
         flag("worker-index", i.to_string());

@@ -37,6 +37,13 @@ impl Server {
         )
     }
 
+    /// `reactor serve --engine ENGINE --addr 127.0.0.1:0 ARGS`.
+    pub fn start_engine(engine: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--engine", engine];
+        all.extend_from_slice(args);
+        Self::start(&all)
+    }
+
     /// The same, pinned to one CPU with taskset (for measurements).
     pub fn start_pinned(cpu: u32, args: &[&str]) -> Server {
         Self::spawn(
@@ -55,7 +62,14 @@ impl Server {
 
     /// The same, under a lower soft open-file limit.
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Server {
-        let script = format!("ulimit -n {limit}; exec \"$0\" serve --addr 127.0.0.1:0 \"$@\"");
+        Self::start_engine_with_fd_limit("reactor", limit, args)
+    }
+
+    /// `--engine ENGINE` under a lower soft open-file limit.
+    pub fn start_engine_with_fd_limit(engine: &str, limit: u32, args: &[&str]) -> Server {
+        let script = format!(
+            "ulimit -n {limit}; exec \"$0\" serve --engine {engine} --addr 127.0.0.1:0 \"$@\""
+        );
         Self::spawn(
             Command::new("sh")
                 .arg("-c")
@@ -183,6 +197,38 @@ pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Runs a test written as `fn name(engine: &str)` once per engine named,
+/// as `name::ENGINE` (a module beside the function: modules and functions
+/// have separate namespaces). List only engines that keep the promise the
+/// test checks: `threads` queues no output of its own, so back-pressure,
+/// `--max-buffer` and the shutdown flush are not its to keep.
+///
+/// ```ignore
+/// fn eof_closes(engine: &str) { let server = Server::start_engine(engine, &[]); ... }
+/// engines!(eof_closes: reactor, uring);
+/// ```
+#[macro_export]
+macro_rules! engines {
+    ($test:ident: $($engine:ident),+) => {
+        mod $test {
+            $(
+                #[test]
+                fn $engine() {
+                    super::$test(stringify!($engine));
+                }
+            )+
+        }
+    };
+}
+
+/// Held by tests that open thousands of sockets: the test process has
+/// one open-file limit (20,000 here), and two engines' runs of such a test
+/// at once would pass it.
+pub fn many_sockets() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A blocking client with read and write timeouts.

@@ -211,7 +211,7 @@ impl<P: Protocol> EventLoop<P> {
 /// backlog, so accepting on cannot fail the same way for ever. Every other
 /// error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, or something we do not
 /// expect) pauses accepting instead.
-fn concerns_one_connection(e: &io::Error) -> bool {
+pub(crate) fn concerns_one_connection(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(

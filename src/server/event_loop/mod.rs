@@ -62,6 +62,8 @@ use crate::net::ready::{ReadyList, SCRATCH};
 use crate::protocol::Protocol;
 
 mod accept;
+
+pub(crate) use accept::concerns_one_connection;
 mod broadcast;
 mod connections;
 mod memory;

@@ -1,0 +1,378 @@
+//! One connection's completions: bytes received, bytes sent; settling
+//! its state afterwards (pause, resume, re-arm, close); delivering
+//! broadcasts; and handing each turn's output to the ring.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+
+use super::conn::{flag, queue_shared, GoneOutbox, Phase, UringOutbox};
+use super::ring::{Batch, RecvBuf};
+use super::{tag_of, Engine, LINGER};
+use crate::protocol::Protocol;
+use crate::server::CloseReason;
+
+impl<P: Protocol> Engine<P> {
+    pub(super) fn on_received(
+        &mut self,
+        tag: u64,
+        result: io::Result<Option<RecvBuf>>,
+        more: bool,
+    ) {
+        let Some(key) = self.live(tag) else {
+            // A late completion for a closed connection: give the buffer back.
+            if let Ok(Some(buf)) = result {
+                self.ring.recycle(buf);
+            }
+            return;
+        };
+        if !more {
+            // The multishot receive is over (EOF, error, ENOBUFS, cancel);
+            // `settle` re-arms it if the connection still wants input.
+            self.conns[key].flags &= !(flag::RECV_ARMED | flag::CANCELLING);
+        }
+        match result {
+            Ok(Some(buf)) => {
+                self.on_bytes(key, &buf);
+                self.ring.recycle(buf);
+            }
+            // Ok(None): EOF, the peer closed its side. It may still read
+            // what we owe it: a half-close, not an error.
+            Ok(None) => {
+                let conn = &mut self.conns[key];
+                conn.flags |= flag::READ_CLOSED;
+                log::debug!("[conn {key}] eof");
+                if conn.phase == Phase::Open
+                    && !conn.out.as_ref().is_some_and(|o| !o.stash.is_empty())
+                {
+                    self.protocol_eof(key);
+                }
+            }
+            // Out of pool buffers: provide more (at most once per batch of
+            // completions); `settle` re-arms.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                log::trace!("[conn {key}] receive: no buffer, re-arming");
+                self.ring.grow_pool();
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            Err(e) => {
+                log::debug!("[conn {key}] receive failed: {e}");
+                self.conns[key].flags |= flag::FAILED;
+            }
+        }
+        self.settle(key);
+    }
+
+    /// Bytes arrived: to the protocol as far as the output queue has room
+    /// (back-pressure, as the readiness engine reads no more than that),
+    /// the rest held until it drains.
+    fn on_bytes(&mut self, key: usize, buf: &RecvBuf) {
+        self.stats.bytes_in += buf.len() as u64;
+        let conn = &mut self.conns[key];
+        conn.stamp = self.now;
+        if conn.phase != Phase::Open {
+            // Draining or lingering: input is read and dropped.
+            self.stats.bytes_discarded += buf.len() as u64;
+            return;
+        }
+        let bytes = self.ring.bytes(buf);
+        let held = conn.out.as_ref().is_some_and(|o| !o.stash.is_empty());
+        let space = self.config.max_buffer.saturating_sub(conn.queued());
+        let n = if held || conn.has(flag::PAUSED) {
+            0
+        } else {
+            space.min(bytes.len())
+        };
+        if n > 0 {
+            let tag = tag_of(key, conn.generation);
+            let mut outbox = UringOutbox {
+                tag,
+                out: &mut conn.out,
+                flags: &mut conn.flags,
+                phase: &mut conn.phase,
+                limit: self.config.max_buffer,
+                broadcasts: &mut self.broadcasts,
+                dirty: &mut self.dirty,
+                spare: &mut self.spare,
+            };
+            self.protocol
+                .data(&mut conn.session, &bytes[..n], &mut outbox);
+        }
+        if n < bytes.len() {
+            // The receive was already under way when the queue filled:
+            // hold the rest (at most what one wake-up received) and stop
+            // receiving until the client reads.
+            let o = conn.out.get_or_insert_with(|| self.spare.out());
+            o.stash.extend_from_slice(&bytes[n..]);
+            if !conn.has(flag::PAUSED) {
+                log::debug!("[conn {key}] output full: receiving paused");
+            }
+            conn.flags |= flag::PAUSED;
+        }
+    }
+
+    fn protocol_eof(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let mut outbox = UringOutbox {
+            tag: tag_of(key, conn.generation),
+            out: &mut conn.out,
+            flags: &mut conn.flags,
+            phase: &mut conn.phase,
+            limit: self.config.max_buffer,
+            broadcasts: &mut self.broadcasts,
+            dirty: &mut self.dirty,
+            spare: &mut self.spare,
+        };
+        self.protocol.eof(&mut conn.session, &mut outbox);
+    }
+
+    /// Feeds held input once the output queue has drained below half.
+    fn resume(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.flags &= !flag::PAUSED;
+        conn.stamp = self.now;
+        let Some(o) = conn.out.as_mut() else { return };
+        if o.stash.is_empty() {
+            return;
+        }
+        let stash = std::mem::take(&mut o.stash);
+        let space = self.config.max_buffer.saturating_sub(o.queued());
+        let n = space.min(stash.len());
+        if conn.phase == Phase::Open && n > 0 {
+            let tag = tag_of(key, conn.generation);
+            let mut outbox = UringOutbox {
+                tag,
+                out: &mut conn.out,
+                flags: &mut conn.flags,
+                phase: &mut conn.phase,
+                limit: self.config.max_buffer,
+                broadcasts: &mut self.broadcasts,
+                dirty: &mut self.dirty,
+                spare: &mut self.spare,
+            };
+            self.protocol
+                .data(&mut conn.session, &stash[..n], &mut outbox);
+        }
+        if n < stash.len() && conn.phase == Phase::Open {
+            let o = conn.out.get_or_insert_with(|| self.spare.out());
+            o.stash.extend_from_slice(&stash[n..]);
+            conn.flags |= flag::PAUSED;
+        } else if conn.has(flag::READ_CLOSED) && conn.phase == Phase::Open {
+            // The EOF came in behind the held bytes.
+            self.protocol_eof(key);
+        }
+    }
+
+    /// Shutdown: hands held input to the protocol whatever the limit (it
+    /// was read, so its echo is owed; it is at most one wake-up's worth).
+    pub(super) fn feed_stash(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let Some(o) = conn.out.as_mut() else { return };
+        if o.stash.is_empty() || conn.phase != Phase::Open {
+            return;
+        }
+        let stash = std::mem::take(&mut o.stash);
+        let mut outbox = UringOutbox {
+            tag: tag_of(key, conn.generation),
+            out: &mut conn.out,
+            flags: &mut conn.flags,
+            phase: &mut conn.phase,
+            limit: self.config.max_buffer + stash.len(),
+            broadcasts: &mut self.broadcasts,
+            dirty: &mut self.dirty,
+            spare: &mut self.spare,
+        };
+        self.protocol.data(&mut conn.session, &stash, &mut outbox);
+        conn.flags &= !flag::PAUSED;
+    }
+
+    pub(super) fn on_sent(&mut self, tag: u64, result: io::Result<usize>, mut batch: Batch) {
+        let Some(key) = self.live(tag) else {
+            self.spare.put_batch(batch);
+            return;
+        };
+        let conn = &mut self.conns[key];
+        let Some(o) = conn.out.as_mut() else {
+            self.spare.put_batch(batch);
+            return;
+        };
+        o.flying = 0;
+        match result {
+            Ok(n) => {
+                self.stats.bytes_out += n as u64;
+                if n < batch.len() {
+                    // A short send: what is left goes out first next time,
+                    // ahead of what was queued meanwhile.
+                    log::trace!("[conn {key}] sent {n} of {} bytes", batch.len());
+                    batch.consume(n);
+                    let later = std::mem::take(&mut o.waiting);
+                    o.waiting_len += batch.len();
+                    batch.chunks.extend(later.chunks);
+                    o.waiting = std::mem::take(&mut batch);
+                }
+                if conn.flags & flag::DIRTY == 0 && o.waiting_len > 0 {
+                    conn.flags |= flag::DIRTY;
+                    self.dirty.push(tag);
+                }
+            }
+            Err(e) => {
+                log::debug!("[conn {key}] send failed: {e}");
+                conn.flags |= flag::FAILED;
+            }
+        }
+        self.spare.put_batch(batch);
+        self.settle(key);
+    }
+
+    /// After a completion: close the connection if it is finished, move it
+    /// between phases, resume it, and arm or cancel its receive.
+    pub(super) fn settle(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.has(flag::FAILED) {
+            return self.close(key, CloseReason::Error);
+        }
+        if conn.has(flag::OVERFLOW) {
+            log::warn!("[conn {key}] slow consumer: output passed --max-buffer, disconnecting");
+            return self.close(key, CloseReason::SlowConsumer);
+        }
+        if conn.has(flag::PAUSED) && conn.queued() <= self.config.max_buffer / 2 {
+            self.resume(key);
+        }
+        let conn = &mut self.conns[key];
+        if conn.phase == Phase::Draining && conn.queued() == 0 {
+            if !conn.has(flag::REJECT) {
+                return self.close(key, CloseReason::Done);
+            }
+            // Shut our side so the client sees the error line and EOF,
+            // then drop what it still sends until it closes or the linger
+            // time passes.
+            let _ = socket2::SockRef::from(&conn.fd).shutdown(Shutdown::Write);
+            conn.flags &= !flag::REJECT;
+            conn.phase = Phase::Lingering;
+            conn.stamp = self.now + LINGER.as_millis() as u64;
+            self.timers.push(
+                conn.stamp,
+                mio::Token(tag_of(key, conn.generation) as usize),
+            );
+        }
+        let conn = &mut self.conns[key];
+        let wants_input =
+            !conn.has(flag::READ_CLOSED | flag::PAUSED) && conn.phase != Phase::Draining;
+        if !wants_input && conn.queued() == 0 && !conn.has(flag::RECV_ARMED) {
+            let reason = if conn.phase == Phase::Lingering {
+                CloseReason::PeerClosed
+            } else {
+                CloseReason::Done
+            };
+            return self.close(key, reason);
+        }
+        let tag = tag_of(key, conn.generation);
+        if wants_input && !conn.has(flag::RECV_ARMED) {
+            if let Err(e) = self.ring.recv_multi(conn.fd.as_fd(), tag) {
+                log::warn!("[conn {key}] cannot arm a receive: {e}");
+                return self.close(key, CloseReason::Error);
+            }
+            conn.flags |= flag::RECV_ARMED;
+        } else if !wants_input && conn.has(flag::RECV_ARMED) && !conn.has(flag::CANCELLING) {
+            // Paused or draining: stop the multishot receive; its last
+            // completion clears RECV_ARMED.
+            if self.ring.cancel_recv(tag).is_ok() {
+                conn.flags |= flag::CANCELLING;
+            }
+        }
+        if conn.out.as_ref().is_some_and(|o| o.is_idle()) && !conn.has(flag::DIRTY) {
+            // Give the memory back: an idle connection owns no buffers.
+            let o = conn.out.take().expect("checked");
+            self.spare.put_out(o);
+        }
+    }
+
+    /// Closes and forgets a connection, and tells the protocol.
+    pub(super) fn close(&mut self, key: usize, reason: CloseReason) {
+        let conn = self.conns.remove(key);
+        let tag = tag_of(key, conn.generation);
+        // The ring holds its own reference to the socket while an
+        // operation is armed on it, so close(2) alone would not close the
+        // connection: cancel them first. The descriptor is closed once the
+        // cancel is submitted (see `run`).
+        if conn.has(flag::RECV_ARMED) || conn.queued() > 0 {
+            if let Err(e) = self.ring.cancel_fd(conn.fd.as_fd()) {
+                log::warn!("[conn {key}] cannot cancel: {e}");
+            }
+        }
+        self.closing.push(conn.fd);
+        if let Some(o) = conn.out {
+            self.spare.put_out(o);
+        }
+        self.stats.count_close(reason);
+        log::debug!("[conn {key}] closed ({})", reason.as_str());
+        let mut outbox = GoneOutbox {
+            tag,
+            broadcasts: &mut self.broadcasts,
+        };
+        self.protocol.close(conn.session, &mut outbox);
+        if let Err(e) = self.resume_accepting() {
+            log::warn!("cannot re-arm accepting: {e}");
+        }
+    }
+
+    /// Delivers queued broadcasts, closing recipients that cannot take
+    /// them; their departure may broadcast more.
+    pub(super) fn deliver(&mut self) {
+        let mut doomed = Vec::new();
+        while !self.broadcasts.is_empty() {
+            let batch = std::mem::take(&mut self.broadcasts);
+            if self.shutdown_deadline.is_some() {
+                continue;
+            }
+            for (key, conn) in self.conns.iter_mut() {
+                let tag = tag_of(key, conn.generation);
+                if conn.phase != Phase::Open || conn.has(flag::FAILED | flag::OVERFLOW) {
+                    continue;
+                }
+                for b in batch.iter().filter(|b| b.from != tag) {
+                    if queue_shared(
+                        &mut conn.out,
+                        &mut conn.flags,
+                        b.chunk.clone(),
+                        self.config.max_buffer,
+                        &mut self.spare,
+                    ) {
+                        self.dirty.push(tag);
+                    }
+                    if conn.has(flag::OVERFLOW) {
+                        doomed.push(key);
+                        break;
+                    }
+                }
+            }
+            for key in doomed.drain(..) {
+                self.settle(key);
+            }
+        }
+    }
+
+    /// Hands every connection's waiting output to the ring: one send per
+    /// connection (one chunk: `send`; several: `sendmsg`), all submitted
+    /// together by the next wait. A connection with a send in flight waits
+    /// for its completion, so bytes never overtake each other.
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &tag in &dirty {
+            let Some(key) = self.live(tag) else { continue };
+            let conn = &mut self.conns[key];
+            conn.flags &= !flag::DIRTY;
+            let Some(o) = conn.out.as_mut() else { continue };
+            if o.flying > 0 || o.waiting_len == 0 {
+                continue;
+            }
+            let batch = std::mem::take(&mut o.waiting);
+            o.flying = o.waiting_len;
+            o.waiting_len = 0;
+            self.ring.send(conn.fd.as_fd(), batch, tag)?;
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        Ok(())
+    }
+}

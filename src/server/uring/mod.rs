@@ -1,0 +1,319 @@
+//! The completion engine: one thread, one io_uring, every socket
+//! (`reactor serve --engine uring`).
+//!
+//! ```text
+//!            ┌──────────────── Engine::run ────────────────────┐
+//!            │ ring.submit_and_wait(timeout)  (io_uring_enter) │
+//!            │   hands the kernel this turn's sends, re-arms,  │
+//!            │   cancels; returns with completions             │
+//!            │ for each completion:                            │
+//!            │   Accepted → open a connection, arm its receive │
+//!            │   Received → bytes from the pool → protocol     │
+//!            │   Sent     → drop what went out, maybe resume   │
+//!            │   Polled   → the signal pipe: begin shutdown    │
+//!            │ deliver broadcasts; expire timers               │
+//!            │ queue one send per connection with output       │
+//!            └─────────────────────────────────────────────────┘
+//! ```
+//!
+//! The readiness engine ([`super::event_loop`]) asks "which sockets are
+//! ready?" and then makes a system call per socket. This one states what
+//! it wants in advance and learns what was *done*: one multishot accept
+//! per listener, one multishot receive per connection (into a shared pool
+//! of provided buffers, so an idle connection owns none), and at most one
+//! send per connection in flight, all handed over together in the one
+//! `io_uring_enter` that also waits. `docs/readiness-vs-completion.md`
+//! walks one echo message through both.
+//!
+//! The protocols are the same [`Protocol`] implementations, answering
+//! through an [`Outbox`](crate::protocol::Outbox) ([`conn::UringOutbox`]).
+//! Every memory hand-off to the kernel is in [`ring`], the only module of
+//! the crate allowed `unsafe`.
+//!
+//! # Tags
+//! Each operation carries a tag back in its completion. A connection's tag
+//! is its slab key in the low 32 bits and a generation above, so a late
+//! completion for a closed connection (whose key may be reused) no longer
+//! matches and is ignored, as the readiness engine does with tokens.
+
+use std::io::{self, Read};
+use std::net::TcpListener;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use slab::Slab;
+
+use super::listen::{Listeners, SocketFile};
+use super::stats::Stats;
+use super::timer::Timers;
+use super::{Config, ServeError};
+use crate::protocol::Protocol;
+
+mod conn;
+mod handlers;
+mod lifecycle;
+pub mod ring;
+
+use conn::{Broadcast, Conn, Spare};
+use ring::{Event, Ring};
+
+/// Submission queue entries: one turn's sends, re-arms and cancels; a
+/// full queue is submitted early, so this bounds nothing but batching.
+const SQ_ENTRIES: u32 = 4096;
+/// Receive buffers: size, most, and how many are provided at start (more
+/// are provided whenever the kernel runs out, up to the most). A buffer's
+/// pages cost memory only once written. 16 KiB buffers (fewer completions
+/// for bulk input) were tried: a client flooding the server then held up
+/// to 4 MiB of them, against 1 MiB at 4 KiB.
+const BUF_SIZE: usize = 4096;
+const BUF_MAX: u16 = 8192;
+const BUF_INITIAL: u16 = 64;
+/// After `EMFILE`, try accepting again at the latest this much later.
+const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+/// How long a rejected chat client's input is discarded before the close.
+const LINGER: Duration = Duration::from_secs(1);
+/// How long shutdown waits for queued output to drain.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Completions handled per slice of a wake-up.
+const REAP_SLICE: usize = 256;
+
+/// Listener tags (accepts are told apart from receives by the ring).
+const TCP: u64 = 0;
+const UNIX: u64 = 1;
+/// The signal pipe's poll tag.
+const SIGNALS: u64 = 0;
+
+/// Whether accepting is on, paused after running out of descriptors, or
+/// over (shutting down).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Accepting {
+    On,
+    PausedUntil(u64),
+    Off,
+}
+
+/// The tag of the connection at `key` with `generation`; [`key_of`] is its
+/// inverse.
+fn tag_of(key: usize, generation: u32) -> u64 {
+    ((generation as u64) << 32) | key as u64
+}
+
+fn key_of(tag: u64) -> (usize, u32) {
+    ((tag & 0xffff_ffff) as usize, (tag >> 32) as u32)
+}
+
+/// Generations wrap below the ring's tag limit.
+fn next_generation(g: u32) -> u32 {
+    (g + 1) & 0x00ff_ffff
+}
+
+/// The uring engine, generic over the protocol it serves.
+pub struct Engine<P: Protocol> {
+    ring: Ring,
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, SocketFile)>,
+    /// Multishot accept armed, per listener (TCP, Unix).
+    accept_armed: [bool; 2],
+    /// Read end of signal-hook's pipe for SIGINT and SIGTERM.
+    signals: UnixStream,
+    conns: Slab<Conn<P::Session>>,
+    protocol: P,
+    /// Completions of this turn.
+    events: Vec<Event>,
+    /// Connections with output to hand to the ring at the end of the turn.
+    dirty: Vec<u64>,
+    broadcasts: Vec<Broadcast>,
+    /// Descriptors to close once the cancels for them are submitted.
+    closing: Vec<OwnedFd>,
+    spare: Spare,
+    timers: Timers,
+    stats: Stats,
+    config: Config,
+    max_connections: usize,
+    accepting: Accepting,
+    /// Connections held when descriptors ran out, while that episode lasts.
+    emfile_at: Option<usize>,
+    started: Instant,
+    now: u64,
+    next_generation: u32,
+    next_stats: Option<u64>,
+    shutdown_deadline: Option<u64>,
+}
+
+/// Sets up the ring; io_uring refused is one clear message (exit 1).
+pub fn new_engine<P: Protocol>(
+    config: Config,
+    max_connections: usize,
+    listeners: Listeners,
+    protocol: P,
+) -> Result<Engine<P>, ServeError> {
+    debug_assert!(config.udp.is_none(), "refused by serve");
+    // Room for a completion from most connections at once. Past this the
+    // kernel keeps completions in its overflow list (none are lost; the
+    // feature NODROP is in every kernel with multishot receive), so the
+    // bound is about memory: the queue's pages count as the server's RSS
+    // once written, and 65,536 entries (1 MiB) were 53 of the bytes per
+    // idle connection at 19,900 connections.
+    let cq = (max_connections as u32)
+        .clamp(4096, 16384)
+        .next_power_of_two();
+    let ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::EPERM) => {
+                " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
+            }
+            Some(libc::ENOSYS) => " (this kernel has no io_uring)",
+            Some(libc::EINVAL) => " (this kernel's io_uring lacks a feature it needs)",
+            _ => "",
+        };
+        ServeError::Unavailable(format!(
+            "io_uring unavailable: {e}{why}; use the default engine (--engine reactor)"
+        ))
+    })?;
+    log::info!(
+        "io_uring: {} completion entries, {} receive buffers of {} bytes provided",
+        ring.cq_entries(),
+        ring.buffers_provided(),
+        BUF_SIZE
+    );
+    let io = ServeError::Io;
+    let (signals, pipe_in) = UnixStream::pair().map_err(io)?;
+    signals.set_nonblocking(true).map_err(io)?;
+    let pipe_in2 = pipe_in.try_clone().map_err(io)?;
+    signal_hook::low_level::pipe::register(SIGINT, pipe_in).map_err(io)?;
+    signal_hook::low_level::pipe::register(SIGTERM, pipe_in2).map_err(io)?;
+    let next_stats = config.stats_interval.map(|d| d.as_millis() as u64);
+    let mut engine = Engine {
+        ring,
+        tcp: Some(listeners.tcp),
+        unix: listeners.unix.map(|u| (u.listener, u.file)),
+        accept_armed: [false; 2],
+        signals,
+        conns: Slab::new(),
+        protocol,
+        events: Vec::with_capacity(REAP_SLICE),
+        dirty: Vec::new(),
+        broadcasts: Vec::new(),
+        closing: Vec::new(),
+        spare: Spare::default(),
+        timers: Timers::default(),
+        stats: Stats::default(),
+        config,
+        max_connections,
+        accepting: Accepting::On,
+        emfile_at: None,
+        started: Instant::now(),
+        now: 0,
+        next_generation: 1,
+        next_stats,
+        shutdown_deadline: None,
+    };
+    engine.arm_accepts().map_err(io)?;
+    engine
+        .ring
+        .poll_readable(engine.signals.as_fd(), SIGNALS)
+        .map_err(io)?;
+    Ok(engine)
+}
+
+impl<P: Protocol> Engine<P> {
+    /// Runs until a signal's graceful shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        loop {
+            if !self.closing.is_empty() {
+                // The cancels for these sockets must reach the kernel while
+                // the descriptors still name them; closing them now rather
+                // than after the wait lets the clients see the close now.
+                self.ring.submit()?;
+                self.closing.clear();
+            }
+            let timeout = self.wait_timeout();
+            self.ring.submit_and_wait(timeout)?;
+            self.now = self.started.elapsed().as_millis() as u64;
+            // In slices, so that 20,000 completions at once (every idle
+            // client speaking after a quiet spell) do not leave a 20,000
+            // entry buffer behind.
+            let mut events = std::mem::take(&mut self.events);
+            loop {
+                self.ring.complete(&mut events, REAP_SLICE);
+                if events.is_empty() {
+                    break;
+                }
+                log::trace!("wake-up: {} completion(s)", events.len());
+                for event in events.drain(..) {
+                    self.on_event(event)?;
+                    // Broadcasts go out before the next completion is
+                    // handled: a `joined` line must not reach a client
+                    // accepted later.
+                    self.deliver();
+                }
+            }
+            self.events = events;
+            self.expire()?;
+            self.flush()?;
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || self.now >= deadline {
+                    return self.finish();
+                }
+            }
+        }
+    }
+
+    /// How long to wait: until the nearest deadline, or for ever.
+    fn wait_timeout(&self) -> Option<Duration> {
+        let accept_retry = match self.accepting {
+            Accepting::PausedUntil(t) => Some(t),
+            _ => None,
+        };
+        [
+            self.timers.next(),
+            self.next_stats,
+            accept_retry,
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| {
+            let now = self.started.elapsed().as_millis() as u64;
+            Duration::from_millis(at.saturating_sub(now) + 1)
+        })
+    }
+
+    fn on_event(&mut self, event: Event) -> io::Result<()> {
+        match event {
+            Event::Accepted { tag, result, more } => self.on_accepted(tag, result, more),
+            Event::Received { tag, result, more } => {
+                self.on_received(tag, result, more);
+                Ok(())
+            }
+            Event::Sent { tag, result, batch } => {
+                self.on_sent(tag, result, batch);
+                Ok(())
+            }
+            Event::Polled => self.on_signal(),
+        }
+    }
+
+    /// The slab key of `tag` if it still names a live connection.
+    fn live(&self, tag: u64) -> Option<usize> {
+        let (key, generation) = key_of(tag);
+        match self.conns.get(key) {
+            Some(c) if c.generation == generation => Some(key),
+            _ => None,
+        }
+    }
+
+    fn on_signal(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; 64];
+        while matches!((&self.signals).read(&mut buf), Ok(n) if n > 0) {}
+        log::info!("signal: shutting down");
+        if self.shutdown_deadline.is_none() {
+            self.begin_shutdown()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,662 @@
+//! The one module of the project allowed `unsafe`: the io_uring itself.
+//!
+//! With readiness I/O the kernel only *tells* us a socket is ready and we
+//! make the system call ourselves, from our own buffer, on our own time.
+//! With completion I/O we hand the kernel an operation that names memory
+//! ("send these bytes", "receive into one of these buffers") and it does
+//! the work later, after `io_uring_enter` has returned. From submission to
+//! completion that memory belongs to the kernel: moving, freeing or
+//! writing it is a use-after-free the compiler cannot see. That is why the
+//! `io-uring` crate marks pushing an entry `unsafe`, and why everything that
+//! names memory lives here, behind a safe interface that makes the rule
+//! impossible to break from outside:
+//!
+//! - **Sends** take a [`Batch`] by value. The ring keeps it (in `flights`)
+//!   until the send's completion, then hands it back in [`Event::Sent`].
+//!   The caller cannot touch the bytes in between because it does not own
+//!   them.
+//! - **Receives** use a *provided buffer ring*: one pool of buffers for all
+//!   connections, registered once. The kernel picks a free buffer when data
+//!   arrives, so an idle connection owns no buffer at all. A completion
+//!   hands out a [`RecvBuf`] (constructible only here) that names the
+//!   buffer; its bytes can be read through [`Ring::bytes`] until it is
+//!   given back with [`Ring::recycle`], which is the only way the buffer
+//!   returns to the kernel.
+//! - **Accepts** return new descriptors as `OwnedFd`, made here from the
+//!   kernel's number.
+//! - Every other operation names no memory (cancel, poll).
+//!
+//! Nothing here is freed while the kernel may still hold it: on drop the
+//! pool and any send still in flight are leaked on purpose (the ring's
+//! teardown in the kernel finishes asynchronously after `close`, and the
+//! process is about to exit anyway).
+#![allow(unsafe_code)]
+
+use std::alloc::{self, Layout};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use slab::Slab;
+
+/// `user_data` = operation kind in the top byte, the caller's tag below.
+const KIND_SHIFT: u32 = 56;
+/// Tags must fit below the kind byte.
+pub const TAG_MAX: u64 = (1 << KIND_SHIFT) - 1;
+
+const ACCEPT: u64 = 1;
+const RECV: u64 = 2;
+const SEND: u64 = 3;
+const POLL: u64 = 4;
+const CANCEL: u64 = 5;
+
+/// Batches of completions in a row that must run out of receive buffers
+/// before the pool grows.
+const STARVED_BATCHES: u32 = 3;
+
+/// Numbers the rings of this process (one, in practice).
+static NEXT_RING_ID: AtomicU32 = AtomicU32::new(0);
+
+/// The buffer group id of the one provided-buffer ring.
+const BGID: u16 = 0;
+
+/// One piece of output: owned bytes, or a chunk shared by every recipient
+/// of a chat broadcast (one allocation, many sends).
+#[derive(Debug)]
+pub enum Chunk {
+    /// Bytes for one connection.
+    Owned(Vec<u8>),
+    /// A broadcast chunk.
+    Shared(Rc<[u8]>),
+}
+
+impl Chunk {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(v) => v,
+            Chunk::Shared(r) => r,
+        }
+    }
+}
+
+/// Output handed to one send: `chunks` in order, the first from byte
+/// `head` on.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The chunks.
+    pub chunks: Vec<Chunk>,
+    /// Bytes of the first chunk already sent.
+    pub head: usize,
+}
+
+impl Batch {
+    /// Bytes still to send.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(|c| c.bytes().len()).sum::<usize>() - self.head
+    }
+
+    /// Drops `n` sent bytes from the front.
+    pub fn consume(&mut self, mut n: usize) {
+        let mut done = 0;
+        for c in &self.chunks {
+            let left = c.bytes().len() - self.head;
+            if n < left {
+                self.head += n;
+                break;
+            }
+            n -= left;
+            self.head = 0;
+            done += 1;
+        }
+        self.chunks.drain(..done);
+    }
+}
+
+/// A send the kernel is working on, with everything its entry points at.
+struct Flight {
+    tag: u64,
+    batch: Batch,
+    /// One `iovec` per chunk (`SendMsg` only); their buffers are the
+    /// batch's chunks.
+    iov: Vec<libc::iovec>,
+    /// Boxed so that its address stays put while the slab grows.
+    msg: Box<libc::msghdr>,
+}
+
+/// A filled receive buffer, named by a completion. Read it with
+/// [`Ring::bytes`]; give it back with [`Ring::recycle`].
+#[derive(Debug)]
+pub struct RecvBuf {
+    bid: u16,
+    len: u32,
+    /// The ring whose pool it names: a `RecvBuf` from another ring would
+    /// name a buffer of this pool that the kernel may be filling.
+    ring: u32,
+}
+
+impl RecvBuf {
+    /// Bytes received into it.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+}
+
+/// A completion, translated.
+#[derive(Debug)]
+pub enum Event {
+    /// A multishot accept produced a connection or failed. `more`: the
+    /// accept is still armed.
+    Accepted {
+        /// The caller's tag.
+        tag: u64,
+        /// The new socket.
+        result: io::Result<OwnedFd>,
+        /// Further completions will follow from the same request.
+        more: bool,
+    },
+    /// A multishot receive delivered bytes (`Ok(Some)`), saw EOF
+    /// (`Ok(None)`) or ended with an error.
+    Received {
+        /// The caller's tag.
+        tag: u64,
+        /// The bytes, EOF, or the error.
+        result: io::Result<Option<RecvBuf>>,
+        /// The receive is still armed.
+        more: bool,
+    },
+    /// A send finished: how many bytes went out, and the batch back.
+    Sent {
+        /// The caller's tag.
+        tag: u64,
+        /// Bytes sent, or the error.
+        result: io::Result<usize>,
+        /// The batch, whole (the caller drops what was sent).
+        batch: Batch,
+    },
+    /// A one-shot poll fired (the signal pipe: there is only one).
+    Polled,
+}
+
+/// The provided-buffer ring: `count` buffers of `size` bytes, of which the
+/// first `provided` have been handed to the kernel.
+struct Pool {
+    /// The ring of entries the kernel takes buffers from (page aligned).
+    entries: *mut BufRingEntry,
+    entries_layout: Layout,
+    /// Our producer index; the kernel owns the consumer index.
+    tail: u16,
+    /// The buffers, one region.
+    mem: *mut u8,
+    size: usize,
+    /// Buffers ever provided; grows on `ENOBUFS` up to `count`.
+    provided: u16,
+    count: u16,
+}
+
+impl Pool {
+    fn new(count: u16, size: usize) -> io::Result<Pool> {
+        assert!(count.is_power_of_two());
+        let entries_layout =
+            Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // Buffers need no alignment of their own. Asking for none more than
+        // malloc's lets the allocator use calloc, which maps fresh zero
+        // pages rather than writing zeroes: a buffer's pages cost RSS only
+        // once the kernel first fills it. (A 4096 alignment here went
+        // through aligned_alloc and memset, and touched all 32 MiB.)
+        let mem_layout = Layout::from_size_align(count as usize * size, 16)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: both layouts have a non-zero size.
+        let (entries, mem) = unsafe {
+            (
+                alloc::alloc_zeroed(entries_layout) as *mut BufRingEntry,
+                alloc::alloc_zeroed(mem_layout),
+            )
+        };
+        if entries.is_null() || mem.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        // With transparent huge pages on "always", one byte written into
+        // an untouched 2 MiB stretch of the pool could cost 2 MiB of RSS;
+        // the pool is meant to cost a page per buffer used. Advice only:
+        // if the kernel refuses it, nothing is wrong.
+        // SAFETY: madvise on memory this allocation owns, whole; it does
+        // not change the memory's contents or validity.
+        unsafe {
+            let start = (mem as usize).next_multiple_of(4096);
+            let end = (mem as usize + mem_layout.size()) & !4095;
+            if end > start {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_NOHUGEPAGE,
+                );
+            }
+        }
+        Ok(Pool {
+            entries,
+            entries_layout,
+            tail: 0,
+            mem,
+            size,
+            provided: 0,
+            count,
+        })
+    }
+
+    /// Puts buffer `bid` at the ring's tail: the kernel may fill it from now on.
+    fn provide(&mut self, bid: u16) {
+        let mask = self.count - 1;
+        // SAFETY: `tail & mask` is below `count`, the number of entries
+        // allocated; bid is below `count`, so its buffer lies inside `mem`.
+        // The kernel only reads entries between its head and our tail, and
+        // this one is past the tail until the store below publishes it.
+        unsafe {
+            let e = &mut *self.entries.add((self.tail & mask) as usize);
+            e.set_addr(self.mem.add(bid as usize * self.size) as u64);
+            e.set_len(self.size as u32);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail field lives in the first entry's reserved word,
+        // inside the allocation; the kernel reads it concurrently, so it is
+        // written atomically, with Release so the entry above is visible
+        // before the new tail is.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// Provides more buffers (doubling), if any are left. False at the cap.
+    fn grow(&mut self) -> bool {
+        let next = (self.provided.max(1) as u32 * 2).min(self.count as u32) as u16;
+        if next <= self.provided {
+            return false;
+        }
+        for bid in self.provided..next {
+            self.provide(bid);
+        }
+        self.provided = next;
+        true
+    }
+}
+
+/// The ring, the buffer pool and every send in flight.
+pub struct Ring {
+    uring: IoUring,
+    pool: Pool,
+    flights: Slab<Flight>,
+    /// Kept from one submission to the next so `io_uring_enter` gets a
+    /// stable pointer; only read by the kernel during the call.
+    timeout: Timespec,
+    /// The pool grew during this batch of completions.
+    grown: bool,
+    /// Batches in a row in which a receive ran out of buffers, and whether
+    /// this one did.
+    starved: u32,
+    starved_now: bool,
+    /// Completions as reaped, before translation (kept for its capacity).
+    raw: Vec<(u64, i32, u32)>,
+    /// Tells this ring's `RecvBuf`s from another's.
+    id: u32,
+}
+
+impl Ring {
+    /// A ring with `sq` submission entries and `cq` completion entries,
+    /// and a pool of up to `buffers` receive buffers of `size` bytes
+    /// (`initial` of them provided at first).
+    ///
+    /// Asks for `SINGLE_ISSUER` and `DEFER_TASKRUN` (completions are
+    /// processed only when this thread enters the kernel to wait, so they
+    /// come in batches and never interrupt the loop) and falls back to a
+    /// plain ring on kernels that refuse them.
+    pub fn new(sq: u32, cq: u32, buffers: u16, size: usize, initial: u16) -> io::Result<Ring> {
+        let uring = match IoUring::builder()
+            .setup_cqsize(cq)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(sq)
+        {
+            Ok(u) => u,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::info!("io_uring: DEFER_TASKRUN refused ({e}); using a plain ring");
+                IoUring::builder().setup_cqsize(cq).build(sq)?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut pool = Pool::new(buffers, size)?;
+        // SAFETY: `pool.entries` points at `buffers` entries, page aligned,
+        // and is never freed (see the module docs): it outlives the
+        // registration, which ends only with the ring.
+        unsafe {
+            uring.submitter().register_buf_ring_with_flags(
+                pool.entries as u64,
+                buffers,
+                BGID,
+                0,
+            )?;
+        }
+        pool.provided = 0;
+        while pool.provided < initial.min(buffers) {
+            pool.grow();
+        }
+        Ok(Ring {
+            uring,
+            pool,
+            flights: Slab::new(),
+            timeout: Timespec::new(),
+            grown: false,
+            starved: 0,
+            starved_now: false,
+            raw: Vec::new(),
+            id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// A receive found no buffer. Provides more (doubling, up to the most)
+    /// once receives have run dry in [`STARVED_BATCHES`] batches of
+    /// completions in a row, and at most once per batch: a one-off burst
+    /// (every idle client speaking at once) only waits a turn for recycled
+    /// buffers, while sustained load still gets the buffers it needs.
+    /// True when buffers were added.
+    pub fn grow_pool(&mut self) -> bool {
+        self.starved_now = true;
+        if self.grown || self.starved < STARVED_BATCHES {
+            return false;
+        }
+        self.grown = true;
+        let grew = self.pool.grow();
+        if grew {
+            log::debug!("io_uring: {} receive buffers provided", self.pool.provided);
+        }
+        grew
+    }
+
+    /// Completion queue entries.
+    pub fn cq_entries(&self) -> u32 {
+        self.uring.params().cq_entries()
+    }
+
+    /// Receive buffers provided so far.
+    pub fn buffers_provided(&self) -> usize {
+        self.pool.provided as usize
+    }
+
+    /// Queues an entry, handing queued entries to the kernel first when
+    /// the submission queue is full.
+    ///
+    /// # Safety
+    /// Every buffer the entry points at must stay valid until its
+    /// completion. Only this module builds entries, and each names memory
+    /// owned by `self` (a flight, the pool) or none at all.
+    unsafe fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the caller's promise, passed on.
+            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            self.uring.submit()?;
+        }
+    }
+
+    /// Arms a multishot accept on `fd`: one completion per new connection.
+    pub fn accept_multi(&mut self, fd: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
+        let e = opcode::AcceptMulti::new(Fd(fd.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ACCEPT << KIND_SHIFT | tag);
+        // SAFETY: an accept without an address names no memory.
+        unsafe { self.push(e) }
+    }
+
+    /// Arms a multishot receive on `fd` into the buffer pool: one
+    /// completion per arrival, until EOF, an error, `ENOBUFS` or a cancel.
+    pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
+        let e = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID)
+            .build()
+            .user_data(RECV << KIND_SHIFT | tag);
+        // SAFETY: the kernel writes only into pool buffers it took from the
+        // ring; the pool is never freed while the ring lives.
+        unsafe { self.push(e) }
+    }
+
+    /// Sends `batch` on `fd`. It comes back in [`Event::Sent`].
+    pub fn send(&mut self, fd: BorrowedFd<'_>, batch: Batch, tag: u64) -> io::Result<()> {
+        let entry = self.flights.vacant_entry();
+        let key = entry.key() as u64;
+        let flight = entry.insert(Flight {
+            tag,
+            batch,
+            iov: Vec::new(),
+            msg: Box::new(
+                // SAFETY: msghdr is plain old data; all zeroes is a valid
+                // empty header.
+                unsafe { std::mem::zeroed() },
+            ),
+        });
+        let fd = Fd(fd.as_raw_fd());
+        let e = if flight.batch.chunks.len() == 1 {
+            let bytes = &flight.batch.chunks[0].bytes()[flight.batch.head..];
+            opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            let mut skip = flight.batch.head;
+            for c in &flight.batch.chunks {
+                let b = &c.bytes()[skip..];
+                skip = 0;
+                flight.iov.push(libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                });
+            }
+            flight.msg.msg_iov = flight.iov.as_mut_ptr();
+            flight.msg.msg_iovlen = flight.iov.len() as _;
+            opcode::SendMsg::new(fd, &*flight.msg as *const libc::msghdr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        };
+        let e = e.user_data(SEND << KIND_SHIFT | key);
+        // SAFETY: the entry points at the flight's chunks (heap bytes that
+        // do not move when the chunk or the slab moves), its iovec array
+        // (heap) and its boxed msghdr. The flight stays in `flights` until
+        // this send's completion is reaped in `complete`, and on drop it is
+        // leaked, never freed.
+        let pushed = unsafe { self.push(e) };
+        if pushed.is_err() {
+            // Never reached the kernel: safe to take back.
+            self.flights.remove(key as usize);
+        }
+        pushed
+    }
+
+    /// Arms a one-shot poll for input on `fd`.
+    pub fn poll_readable(&mut self, fd: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
+        let e = opcode::PollAdd::new(Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(POLL << KIND_SHIFT | tag);
+        // SAFETY: a poll names no memory.
+        unsafe { self.push(e) }
+    }
+
+    /// Cancels every operation on `fd` (its receive, a send in flight).
+    /// Each ends with `ECANCELED` unless it finished first. The descriptor
+    /// must stay open until the next [`Ring::submit_and_wait`].
+    pub fn cancel_fd(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd.as_raw_fd())).all())
+            .build()
+            .user_data(CANCEL << KIND_SHIFT);
+        // SAFETY: a cancel names no memory.
+        unsafe { self.push(e) }
+    }
+
+    /// Cancels the multishot receive armed with `tag`.
+    pub fn cancel_recv(&mut self, tag: u64) -> io::Result<()> {
+        self.cancel_user_data(RECV << KIND_SHIFT | tag)
+    }
+
+    /// Cancels the multishot accept armed with `tag`.
+    pub fn cancel_accept(&mut self, tag: u64) -> io::Result<()> {
+        self.cancel_user_data(ACCEPT << KIND_SHIFT | tag)
+    }
+
+    fn cancel_user_data(&mut self, user_data: u64) -> io::Result<()> {
+        let e = opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(CANCEL << KIND_SHIFT);
+        // SAFETY: a cancel names no memory.
+        unsafe { self.push(e) }
+    }
+
+    /// Submits everything queued without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        match self.uring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits everything queued and waits for at least one completion,
+    /// at most `timeout` (`None`: as long as it takes). One system call.
+    /// A timeout or a signal is not an error.
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let r = match timeout {
+            None => self.uring.submit_and_wait(1),
+            Some(t) => {
+                self.timeout = Timespec::from(t);
+                let args = SubmitArgs::new().timespec(&self.timeout);
+                self.uring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
+            // EBUSY: completions are waiting in the kernel's overflow list;
+            // reaping them makes room.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reaps up to `max` completions into `out` (the rest wait for the
+    /// next call: the caller's buffers stay small however many came).
+    pub fn complete(&mut self, out: &mut Vec<Event>, max: usize) {
+        self.grown = false;
+        self.starved = if self.starved_now {
+            self.starved + 1
+        } else {
+            0
+        };
+        self.starved_now = false;
+        // Collected first: translating a send needs `self.flights` while
+        // the completion queue borrows the ring.
+        let mut raw = std::mem::take(&mut self.raw);
+        raw.clear();
+        raw.extend(
+            self.uring
+                .completion()
+                .take(max)
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(user_data, res, flags) in &raw {
+            if let Some(e) = self.translate(user_data, res, flags) {
+                out.push(e);
+            }
+        }
+        self.raw = raw;
+    }
+
+    fn translate(&mut self, user_data: u64, res: i32, flags: u32) -> Option<Event> {
+        let tag = user_data & TAG_MAX;
+        let more = cqueue::more(flags);
+        let err = || io::Error::from_raw_os_error(-res);
+        match user_data >> KIND_SHIFT {
+            ACCEPT => Some(Event::Accepted {
+                tag,
+                // SAFETY: a non-negative accept result is a descriptor the
+                // kernel just opened for us; nothing else owns it.
+                result: if res >= 0 {
+                    Ok(unsafe { OwnedFd::from_raw_fd(res) })
+                } else {
+                    Err(err())
+                },
+                more,
+            }),
+            RECV => {
+                let result = if res < 0 {
+                    Err(err())
+                } else {
+                    match cqueue::buffer_select(flags) {
+                        // A zero-byte completion may still carry a buffer:
+                        // give it back and report EOF, so every RecvBuf
+                        // holds bytes.
+                        Some(bid) if res == 0 => {
+                            self.pool.provide(bid);
+                            Ok(None)
+                        }
+                        Some(bid) => Ok(Some(RecvBuf {
+                            bid,
+                            len: res as u32,
+                            ring: self.id,
+                        })),
+                        None if res == 0 => Ok(None),
+                        None => Err(io::ErrorKind::InvalidData.into()),
+                    }
+                };
+                Some(Event::Received { tag, result, more })
+            }
+            SEND => {
+                let flight = self.flights.try_remove(tag as usize)?;
+                Some(Event::Sent {
+                    tag: flight.tag,
+                    result: if res >= 0 {
+                        Ok(res as usize)
+                    } else {
+                        Err(err())
+                    },
+                    batch: flight.batch,
+                })
+            }
+            POLL => Some(Event::Polled),
+            _ => None,
+        }
+    }
+
+    /// The bytes of a filled buffer.
+    pub fn bytes(&self, b: &RecvBuf) -> &[u8] {
+        assert_eq!(b.ring, self.id, "a receive buffer of another ring");
+        // SAFETY: `b` came from a completion, so the kernel has finished
+        // writing buffer `b.bid` (`b.len` bytes, at most `size`) and will
+        // not take it again until `recycle` puts it back on the ring, which
+        // consumes `b`. The pool is never freed while the ring lives.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.pool.mem.add(b.bid as usize * self.pool.size),
+                b.len as usize,
+            )
+        }
+    }
+
+    /// Gives a buffer back to the kernel.
+    pub fn recycle(&mut self, b: RecvBuf) {
+        assert_eq!(b.ring, self.id, "a receive buffer of another ring");
+        self.pool.provide(b.bid);
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // The kernel finishes tearing the ring down after close returns, so
+        // memory it may still reach is leaked, not freed: the sends in
+        // flight here; the pool has no Drop at all.
+        let _ = self.pool.entries_layout;
+        std::mem::forget(std::mem::take(&mut self.flights));
+    }
+}
