@@ -75,6 +75,37 @@ pub const FD_RESERVE: usize = 32;
 /// those words rather than a reset. Both engines use it.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
+/// Accepting paused (out of descriptors, out of socket memory, or an
+/// error that would repeat at once): the one warning of an episode, in
+/// the same words for every engine.
+pub(crate) fn warn_accept_paused(e: &io::Error, held: usize) {
+    let what = match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",
+        Some(libc::ENOBUFS | libc::ENOMEM) => "out of memory for sockets",
+        _ => "unexpected error",
+    };
+    log::warn!(
+        "accept: {e} ({what} with {held} clients); serving them and accepting \
+         again once resources free up"
+    );
+}
+
+/// The end of a graceful shutdown, for every engine: warns about clients
+/// still open after `grace` (they are closed as the engine drops them),
+/// logs the final stats line and returns those counters.
+pub(crate) fn final_stats(stats: &Stats, still_open: usize, grace: Duration) -> Stats {
+    if still_open > 0 {
+        log::warn!(
+            "shutdown: {still_open} clients still had output queued after {grace:?}; closing them"
+        );
+    }
+    let mut stats = stats.clone();
+    stats.closed += stats.active as u64;
+    stats.active = 0;
+    log::info!("final {stats}");
+    stats
+}
+
 /// A client accepted past `--max-connections`: count it, log it, and
 /// return what to send it before the close (chat: `* error: server
 /// full`). The engines write the line each their own way.

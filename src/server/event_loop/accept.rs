@@ -14,7 +14,7 @@ use crate::server::connection::{write_now, ConnOutbox, Connection, State};
 use crate::server::token::{
     connection_token, next_generation, TokenName, LISTENER_TCP, LISTENER_UNIX,
 };
-use crate::server::turn_away;
+use crate::server::{turn_away, warn_accept_paused};
 
 impl<P: Protocol> EventLoop<P> {
     /// A listener is readable: accept until `WouldBlock`, or until the
@@ -69,16 +69,7 @@ impl<P: Protocol> EventLoop<P> {
     /// after [`ACCEPT_RETRY`]. Pending connects wait in the backlog.
     fn pause_accepting(&mut self, e: io::Error) {
         if !self.emfile_logged {
-            let what = match e.raw_os_error() {
-                Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",
-                Some(libc::ENOBUFS | libc::ENOMEM) => "out of memory for sockets",
-                _ => "unexpected error",
-            };
-            log::warn!(
-                "accept: {e} ({what} with {} clients); serving them and accepting \
-                 again once resources free up",
-                self.conns.len()
-            );
+            warn_accept_paused(&e, self.conns.len());
             self.emfile_logged = true;
         }
         self.stats.accept_paused += 1;

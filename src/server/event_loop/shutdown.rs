@@ -4,6 +4,7 @@
 
 use super::{Accepting, EventLoop, SHUTDOWN_GRACE};
 use crate::protocol::Protocol;
+use crate::server::final_stats;
 use crate::server::stats::Stats;
 
 impl<P: Protocol> EventLoop<P> {
@@ -56,17 +57,6 @@ impl<P: Protocol> EventLoop<P> {
     /// The final stats line; what is still open is closed as the loop
     /// (and every socket it owns) is dropped.
     pub(super) fn finish(self) -> Stats {
-        if !self.conns.is_empty() {
-            log::warn!(
-                "shutdown: {} clients still had output queued after {:?}; closing them",
-                self.conns.len(),
-                SHUTDOWN_GRACE
-            );
-        }
-        let mut stats = self.stats.clone();
-        stats.closed += stats.active as u64;
-        stats.active = 0;
-        log::info!("final {stats}");
-        stats
+        final_stats(&self.stats, self.conns.len(), SHUTDOWN_GRACE)
     }
 }

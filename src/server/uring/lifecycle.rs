@@ -8,7 +8,7 @@ use super::conn::{flag, Conn, Phase, UringOutbox};
 use super::{tag_of, Accepting, Engine, ACCEPT_RETRY, SHUTDOWN_GRACE, TCP, UNIX};
 use crate::protocol::Protocol;
 use crate::server::event_loop::concerns_one_connection;
-use crate::server::CloseReason;
+use crate::server::{final_stats, warn_accept_paused, CloseReason};
 
 impl<P: Protocol> Engine<P> {
     /// Arms a multishot accept on each listener that has none.
@@ -61,16 +61,7 @@ impl<P: Protocol> Engine<P> {
     /// accepts that fail at once. Pending connects wait in the backlog.
     fn pause_accepting(&mut self, e: io::Error) -> io::Result<()> {
         if self.emfile_at.is_none() {
-            let what = match e.raw_os_error() {
-                Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",
-                Some(libc::ENOBUFS | libc::ENOMEM) => "out of memory for sockets",
-                _ => "unexpected error",
-            };
-            log::warn!(
-                "accept: {e} ({what} with {} clients); serving them and accepting \
-                 again once resources free up",
-                self.conns.len()
-            );
+            warn_accept_paused(&e, self.conns.len());
             self.emfile_at = Some(self.conns.len());
         }
         self.stats.accept_paused += 1;
@@ -192,17 +183,7 @@ impl<P: Protocol> Engine<P> {
     }
 
     pub(super) fn finish(self) -> io::Result<()> {
-        if !self.conns.is_empty() {
-            log::warn!(
-                "shutdown: {} clients still had output queued after {:?}; closing them",
-                self.conns.len(),
-                SHUTDOWN_GRACE
-            );
-        }
-        let mut stats = self.stats.clone();
-        stats.closed += stats.active as u64;
-        stats.active = 0;
-        log::info!("final {stats}");
+        final_stats(&self.stats, self.conns.len(), SHUTDOWN_GRACE);
         Ok(())
     }
 
