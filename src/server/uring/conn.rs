@@ -99,6 +99,29 @@ pub struct Conn<S> {
 }
 
 impl<S> Conn<S> {
+    /// The outbox its protocol answers through and the protocol's session,
+    /// borrowed side by side (the readiness engine's `outbox_and_session`).
+    pub fn outbox_and_session<'a>(
+        &'a mut self,
+        tag: u64,
+        limit: usize,
+        broadcasts: &'a mut Vec<Broadcast>,
+        dirty: &'a mut Vec<u64>,
+        spare: &'a mut Spare,
+    ) -> (UringOutbox<'a>, &'a mut S) {
+        let outbox = UringOutbox {
+            tag,
+            out: &mut self.out,
+            flags: &mut self.flags,
+            phase: &mut self.phase,
+            limit,
+            broadcasts,
+            dirty,
+            spare,
+        };
+        (outbox, &mut self.session)
+    }
+
     /// Tests flag bits.
     pub fn has(&self, f: u16) -> bool {
         self.flags & f != 0

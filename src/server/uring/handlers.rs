@@ -6,7 +6,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 
-use super::conn::{flag, queue_shared, GoneOutbox, Phase, UringOutbox};
+use super::conn::{flag, queue_shared, GoneOutbox, Phase};
 use super::ring::{Batch, RecvBuf};
 use super::{tag_of, Engine, LINGER};
 use crate::protocol::Protocol;
@@ -85,18 +85,14 @@ impl<P: Protocol> Engine<P> {
         };
         if n > 0 {
             let tag = tag_of(key, conn.generation);
-            let mut outbox = UringOutbox {
+            let (mut outbox, session) = conn.outbox_and_session(
                 tag,
-                out: &mut conn.out,
-                flags: &mut conn.flags,
-                phase: &mut conn.phase,
-                limit: self.config.max_buffer,
-                broadcasts: &mut self.broadcasts,
-                dirty: &mut self.dirty,
-                spare: &mut self.spare,
-            };
-            self.protocol
-                .data(&mut conn.session, &bytes[..n], &mut outbox);
+                self.config.max_buffer,
+                &mut self.broadcasts,
+                &mut self.dirty,
+                &mut self.spare,
+            );
+            self.protocol.data(session, &bytes[..n], &mut outbox);
         }
         if n < bytes.len() {
             // The receive was already under way when the queue filled:
@@ -113,17 +109,14 @@ impl<P: Protocol> Engine<P> {
 
     fn protocol_eof(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        let mut outbox = UringOutbox {
-            tag: tag_of(key, conn.generation),
-            out: &mut conn.out,
-            flags: &mut conn.flags,
-            phase: &mut conn.phase,
-            limit: self.config.max_buffer,
-            broadcasts: &mut self.broadcasts,
-            dirty: &mut self.dirty,
-            spare: &mut self.spare,
-        };
-        self.protocol.eof(&mut conn.session, &mut outbox);
+        let (mut outbox, session) = conn.outbox_and_session(
+            tag_of(key, conn.generation),
+            self.config.max_buffer,
+            &mut self.broadcasts,
+            &mut self.dirty,
+            &mut self.spare,
+        );
+        self.protocol.eof(session, &mut outbox);
     }
 
     /// Feeds held input once the output queue has drained below half.
@@ -140,18 +133,14 @@ impl<P: Protocol> Engine<P> {
         let n = space.min(stash.len());
         if conn.phase == Phase::Open && n > 0 {
             let tag = tag_of(key, conn.generation);
-            let mut outbox = UringOutbox {
+            let (mut outbox, session) = conn.outbox_and_session(
                 tag,
-                out: &mut conn.out,
-                flags: &mut conn.flags,
-                phase: &mut conn.phase,
-                limit: self.config.max_buffer,
-                broadcasts: &mut self.broadcasts,
-                dirty: &mut self.dirty,
-                spare: &mut self.spare,
-            };
-            self.protocol
-                .data(&mut conn.session, &stash[..n], &mut outbox);
+                self.config.max_buffer,
+                &mut self.broadcasts,
+                &mut self.dirty,
+                &mut self.spare,
+            );
+            self.protocol.data(session, &stash[..n], &mut outbox);
         }
         if n < stash.len() && conn.phase == Phase::Open {
             let o = conn.out.get_or_insert_with(|| self.spare.out());
@@ -172,17 +161,14 @@ impl<P: Protocol> Engine<P> {
             return;
         }
         let stash = std::mem::take(&mut o.stash);
-        let mut outbox = UringOutbox {
-            tag: tag_of(key, conn.generation),
-            out: &mut conn.out,
-            flags: &mut conn.flags,
-            phase: &mut conn.phase,
-            limit: self.config.max_buffer + stash.len(),
-            broadcasts: &mut self.broadcasts,
-            dirty: &mut self.dirty,
-            spare: &mut self.spare,
-        };
-        self.protocol.data(&mut conn.session, &stash, &mut outbox);
+        let (mut outbox, session) = conn.outbox_and_session(
+            tag_of(key, conn.generation),
+            self.config.max_buffer + stash.len(),
+            &mut self.broadcasts,
+            &mut self.dirty,
+            &mut self.spare,
+        );
+        self.protocol.data(session, &stash, &mut outbox);
         conn.flags &= !flag::PAUSED;
     }
 
