@@ -26,6 +26,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::buffer::OutQueue;
 use crate::net::io::attempt;
+use crate::net::ready::want_writable;
 use crate::net::Stream;
 
 const SOCKET: Token = Token(0);
@@ -292,15 +293,13 @@ where
             send_datagrams(&socket, &mut outgoing)?;
         }
         // Ask for WRITABLE only while datagrams wait, or the loop spins.
-        if writable == outgoing.is_empty() {
-            writable = !outgoing.is_empty();
-            let want = if writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            poll.registry().reregister(&mut socket, SOCKET, want)?;
-        }
+        want_writable(
+            poll.registry(),
+            &mut socket,
+            SOCKET,
+            &mut writable,
+            !outgoing.is_empty(),
+        )?;
         loop {
             match attempt(|| socket.recv(&mut buf)) {
                 Ok(Some(n)) => {

@@ -14,7 +14,35 @@
 //! the connection is cheaper than a search); an entry for a socket closed
 //! since must be harmless to the caller.
 
+use std::io;
 use std::time::Duration;
+
+use mio::event::Source;
+use mio::{Interest, Registry, Token};
+
+/// Brings a socket's interest to "readable, and writable only while output
+/// waits": asking for `WRITABLE` with nothing to send makes an
+/// edge-triggered loop wake for nothing. `registered` is what the caller
+/// last registered; nothing is asked of the kernel when `want` equals it.
+pub fn want_writable(
+    registry: &Registry,
+    source: &mut impl Source,
+    token: Token,
+    registered: &mut bool,
+    want: bool,
+) -> io::Result<()> {
+    if *registered == want {
+        return Ok(());
+    }
+    let interest = if want {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    registry.reregister(source, token, interest)?;
+    *registered = want;
+    Ok(())
+}
 
 /// Size of a loop's one shared read buffer: every connection reads into it
 /// in turn, so an idle connection owns no read buffer.

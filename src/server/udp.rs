@@ -14,6 +14,7 @@ use mio::{Interest, Registry, Token};
 
 use super::stats::Stats;
 use crate::net::io::attempt;
+use crate::net::ready::want_writable;
 
 /// Datagrams handled per readiness event before yielding to other sockets.
 const RECV_BUDGET: usize = 256;
@@ -124,16 +125,13 @@ impl UdpEcho {
     /// Asks for `WRITABLE` only while datagrams are queued.
     pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         let want = !self.queue.is_empty();
-        if want != self.writable_registered {
-            let interest = if want {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            registry.reregister(&mut self.socket, token, interest)?;
-            self.writable_registered = want;
-        }
-        Ok(())
+        want_writable(
+            registry,
+            &mut self.socket,
+            token,
+            &mut self.writable_registered,
+            want,
+        )
     }
 
     /// Stops receiving (shutdown): deregisters the socket.

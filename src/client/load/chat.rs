@@ -35,6 +35,7 @@ use super::worker::Target;
 use super::{Plan, Progress};
 use crate::buffer::OutQueue;
 use crate::net::io::attempt;
+use crate::net::ready::want_writable;
 use crate::net::ready::{ReadyList, READ_BUDGET, SCRATCH};
 use crate::net::Stream;
 
@@ -301,18 +302,14 @@ impl ChatLoop {
         } else {
             client.unsent = None;
         }
-        if client.writable != want {
-            client.writable = want;
-            let interest = if want {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            let _ = self
-                .poll
-                .registry()
-                .reregister(&mut client.stream, Token(id), interest);
-        }
+        let registry = self.poll.registry();
+        let _ = want_writable(
+            registry,
+            &mut client.stream,
+            Token(id),
+            &mut client.writable,
+            want,
+        );
     }
 
     /// Reads, splits into lines and checks what arrived for client `id`

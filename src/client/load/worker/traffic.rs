@@ -119,23 +119,19 @@ impl Worker {
         }
     }
 
-    /// Adds or drops `WRITABLE` interest: wanted only while bytes wait, or
-    /// every writable edge would wake the loop for nothing.
+    /// Adds or drops `WRITABLE` interest: wanted only while bytes wait.
+    /// A failed reregister leaves the flag as it was, so the next call
+    /// tries again (a socket that broken fails its next read or write).
     fn want_writable(&mut self, key: usize, want: bool) {
         let conn = &mut self.conns[key];
-        if conn.writable == want {
-            return;
-        }
-        conn.writable = want;
-        let interest = if want {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        let _ = self
-            .poll
-            .registry()
-            .reregister(&mut conn.stream, Token(key), interest);
+        let registry = self.poll.registry();
+        let _ = crate::net::ready::want_writable(
+            registry,
+            &mut conn.stream,
+            Token(key),
+            &mut conn.writable,
+            want,
+        );
     }
 
     pub(super) fn on_writable(&mut self, key: usize) {
