@@ -1,0 +1,210 @@
+//! `--max-memory`'s bookkeeping, shared by both engines: one running count
+//! of the bytes the server holds for its clients, the cap, and the queue of
+//! connections waiting for room.
+//!
+//! What an engine counts, and how it stops taking input, is its own
+//! business (the readiness engine stops reading, `event_loop/memory.rs`;
+//! the uring engine cancels the receive, `uring/memory.rs`); the arithmetic
+//! of the cap and the order in which waiting connections go again are the
+//! same, and live here:
+//! - [`MemoryCap::room`]: how much one read may still take;
+//! - [`MemoryCap::wait`] and [`MemoryCap::resume`]: once the count has
+//!   fallen to three quarters of the cap, waiting connections go again in
+//!   the order they began to wait, as many as the room allows, so nobody
+//!   waits behind a newer arrival and nobody starves;
+//! - [`biggest`]: which client chat drops at the cap.
+
+use std::collections::VecDeque;
+
+use crate::buffer::GROWTH_SLACK;
+use crate::net::ready::SCRATCH;
+
+/// A waiting connection is not woken for less room than this; below it a
+/// read waits for memory rather than take a few bytes at a time.
+pub const MIN_READ: usize = 4096;
+
+/// The room one woken connection is reckoned to take: one read's worth of
+/// input and its queue's growth slack.
+pub const PER_READER: usize = SCRATCH + GROWTH_SLACK;
+
+/// The running count of bytes held for clients under `--max-memory`, and
+/// the connections (named by `T`: a token or a tag) waiting for room.
+#[derive(Debug, Default)]
+pub struct MemoryCap<T> {
+    used: usize,
+    cap: usize,
+    waiting: VecDeque<T>,
+}
+
+impl<T: Copy> MemoryCap<T> {
+    /// Nothing counted yet, under `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        MemoryCap {
+            used: 0,
+            cap,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Bytes counted now.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// True when the count has passed the cap.
+    pub fn over(&self) -> bool {
+        self.used > self.cap
+    }
+
+    /// One connection's holding went from `before` to `after` bytes.
+    pub fn recount(&mut self, before: usize, after: usize) {
+        self.used = self.used + after - before;
+    }
+
+    /// How many bytes a read may take now without the count passing the
+    /// cap (with its queue's growth slack).
+    pub fn room(&self) -> usize {
+        if self.used == 0 {
+            // Nothing held anywhere: one read may always go, or a cap
+            // below one read's worth would stop everyone for good.
+            return usize::MAX;
+        }
+        self.cap.saturating_sub(self.used + GROWTH_SLACK)
+    }
+
+    /// `who` cannot take input without passing the cap: it joins the
+    /// back of the queue.
+    pub fn wait(&mut self, who: T) {
+        self.waiting.push_back(who);
+    }
+
+    /// Connections queued (stale entries included).
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Once the count has fallen to three quarters of the cap, offers
+    /// waiting connections their turn, oldest first, as many as the room
+    /// allows ([`PER_READER`] each, and at least one). `wake` returns
+    /// false for an entry that is stale (closed, or no longer waiting),
+    /// which costs no room.
+    pub fn resume(&mut self, mut wake: impl FnMut(T) -> bool) {
+        if self.waiting.is_empty() || self.used > self.cap - self.cap / 4 {
+            return;
+        }
+        let mut room = (self.cap - self.used).max(PER_READER);
+        while room >= MIN_READ {
+            let Some(who) = self.waiting.pop_front() else {
+                break;
+            };
+            if wake(who) {
+                room = room.saturating_sub(PER_READER);
+            }
+        }
+    }
+
+    /// Debug builds: the running count equals the sum it stands for.
+    pub fn check(&self, sum: impl FnOnce() -> usize) {
+        if cfg!(debug_assertions) {
+            assert_eq!(self.used, sum(), "memory count drifted");
+        }
+    }
+}
+
+/// Chat at the cap: of `(who, bytes held)`, the one holding the most, if
+/// anyone holds anything.
+pub fn biggest<K>(held: impl Iterator<Item = (K, usize)>) -> Option<(K, usize)> {
+    held.max_by_key(|&(_, n)| n).filter(|&(_, n)| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_nothing_held_one_read_may_always_go() {
+        let m = MemoryCap::<u32>::new(10);
+        assert_eq!(m.room(), usize::MAX);
+    }
+
+    #[test]
+    fn room_is_what_is_left_under_the_cap_less_the_slack() {
+        let mut m = MemoryCap::<u32>::new(1 << 20);
+        m.recount(0, 1000);
+        assert_eq!(m.room(), (1 << 20) - 1000 - GROWTH_SLACK);
+        m.recount(1000, 1 << 20);
+        assert_eq!(m.room(), 0);
+        assert!(!m.over());
+        m.recount(0, 1);
+        assert!(m.over());
+    }
+
+    #[test]
+    fn waiting_connections_go_again_only_at_three_quarters_of_the_cap() {
+        let cap = 16 * PER_READER;
+        let mut m = MemoryCap::new(cap);
+        m.recount(0, cap);
+        m.wait(1);
+        let mut woken = Vec::new();
+        m.resume(|t| {
+            woken.push(t);
+            true
+        });
+        assert!(woken.is_empty(), "still at the cap");
+        m.recount(cap, cap - cap / 4);
+        m.resume(|t| {
+            woken.push(t);
+            true
+        });
+        assert_eq!(woken, vec![1]);
+    }
+
+    #[test]
+    fn waiting_connections_go_again_oldest_first_as_room_allows() {
+        let cap = 8 * PER_READER;
+        let mut m = MemoryCap::new(cap);
+        m.recount(0, cap - 2 * PER_READER);
+        for t in 1..=5 {
+            m.wait(t);
+        }
+        let mut woken = Vec::new();
+        m.resume(|t| {
+            woken.push(t);
+            true
+        });
+        assert_eq!(woken, vec![1, 2], "two readers' worth of room");
+        m.recount(cap - 2 * PER_READER, 1);
+        m.resume(|t| {
+            woken.push(t);
+            true
+        });
+        assert_eq!(woken, vec![1, 2, 3, 4, 5]);
+        assert_eq!(m.waiting(), 0);
+    }
+
+    #[test]
+    fn stale_entries_cost_no_room_and_at_least_one_goes() {
+        let mut m = MemoryCap::new(PER_READER / 2);
+        m.recount(0, 1);
+        for t in 1..=4 {
+            m.wait(t);
+        }
+        let mut woken = Vec::new();
+        m.resume(|t| {
+            if t % 2 == 1 {
+                return false;
+            }
+            woken.push(t);
+            true
+        });
+        assert_eq!(woken, vec![2], "one, though the cap is below a read");
+        assert_eq!(m.waiting(), 2);
+    }
+
+    #[test]
+    fn the_biggest_holder_is_chosen_and_nobody_for_empty_queues() {
+        assert_eq!(biggest([(1, 5), (2, 9), (3, 0)].into_iter()), Some((2, 9)));
+        assert_eq!(biggest([(1, 0), (2, 0)].into_iter()), None);
+    }
+}
