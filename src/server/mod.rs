@@ -22,6 +22,7 @@ use std::time::Duration;
 pub(crate) mod connection;
 pub(crate) mod event_loop;
 pub(crate) mod listen;
+pub(crate) mod memory;
 pub mod stats;
 pub mod supervisor;
 pub(crate) mod threads;

@@ -50,6 +50,11 @@ pub mod flag {
     pub const REJECT: u16 = 1 << 6;
     /// On the loop's list of connections with output to send.
     pub const DIRTY: u16 = 1 << 7;
+    /// All connections together hold `--max-memory`: receiving is stopped
+    /// until this one's turn comes (see `memory.rs`).
+    pub const MEMORY_WAIT: u16 = 1 << 8;
+    /// Has an entry in the queue of connections waiting for memory.
+    pub const IN_LINE: u16 = 1 << 9;
 }
 
 /// Output and held input of one connection; boxed, and only while needed.
@@ -70,6 +75,12 @@ impl Out {
     /// Bytes queued: waiting plus in flight.
     pub fn queued(&self) -> usize {
         self.waiting_len + self.flying
+    }
+
+    /// Bytes held for this client, counted against `--max-memory`: its
+    /// output (queued or in flight) and its held input.
+    pub fn footprint(&self) -> usize {
+        self.queued() + self.stash.len()
     }
 
     /// True when nothing is queued, in flight or held.
@@ -130,6 +141,11 @@ impl<S> Conn<S> {
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.queued())
+    }
+
+    /// See [`Out::footprint`].
+    pub fn footprint(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.footprint())
     }
 }
 

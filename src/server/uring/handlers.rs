@@ -31,10 +31,15 @@ impl<P: Protocol> Engine<P> {
             // `settle` re-arms it if the connection still wants input.
             self.conns[key].flags &= !(flag::RECV_ARMED | flag::CANCELLING);
         }
+        let before = self.conns[key].footprint();
         match result {
             Ok(Some(buf)) => {
+                let was_empty = self.conns[key].queued() == 0;
                 self.on_bytes(key, &buf);
                 self.ring.recycle(buf);
+                self.recount(key, before);
+                self.wait_if_no_room(key, was_empty);
+                return self.settle(key);
             }
             // Ok(None): EOF, the peer closed its side. It may still read
             // what we owe it: a half-close, not an error.
@@ -60,6 +65,7 @@ impl<P: Protocol> Engine<P> {
                 self.conns[key].flags |= flag::FAILED;
             }
         }
+        self.recount(key, before);
         self.settle(key);
     }
 
@@ -160,6 +166,7 @@ impl<P: Protocol> Engine<P> {
         if o.stash.is_empty() || conn.phase != Phase::Open {
             return;
         }
+        let before = o.footprint();
         let stash = std::mem::take(&mut o.stash);
         let (mut outbox, session) = conn.outbox_and_session(
             tag_of(key, conn.generation),
@@ -170,6 +177,7 @@ impl<P: Protocol> Engine<P> {
         );
         self.protocol.data(session, &stash, &mut outbox);
         conn.flags &= !flag::PAUSED;
+        self.recount(key, before);
     }
 
     pub(super) fn on_sent(&mut self, tag: u64, result: io::Result<usize>, mut batch: Batch) {
@@ -182,6 +190,7 @@ impl<P: Protocol> Engine<P> {
             self.spare.put_batch(batch);
             return;
         };
+        let before = o.footprint();
         o.flying = 0;
         match result {
             Ok(n) => {
@@ -207,6 +216,7 @@ impl<P: Protocol> Engine<P> {
             }
         }
         self.spare.put_batch(batch);
+        self.recount(key, before);
         self.settle(key);
     }
 
@@ -222,7 +232,17 @@ impl<P: Protocol> Engine<P> {
             return self.close(key, CloseReason::SlowConsumer);
         }
         if conn.has(flag::PAUSED) && conn.queued() <= self.config.max_buffer / 2 {
+            let before = conn.footprint();
             self.resume(key);
+            self.recount(key, before);
+        }
+        let conn = &mut self.conns[key];
+        if conn.has(flag::MEMORY_WAIT) && P::MIRRORS_INPUT && conn.queued() == 0 {
+            // Waiting for memory with nothing queued: served one receive
+            // at a time meanwhile (see `memory.rs`); its place in the line
+            // is kept.
+            log::trace!("[conn {key}] nothing queued: receiving at the memory cap");
+            conn.flags &= !flag::MEMORY_WAIT;
         }
         let conn = &mut self.conns[key];
         if conn.phase == Phase::Draining && conn.queued() == 0 {
@@ -242,9 +262,13 @@ impl<P: Protocol> Engine<P> {
             );
         }
         let conn = &mut self.conns[key];
-        let wants_input =
-            !conn.has(flag::READ_CLOSED | flag::PAUSED) && conn.phase != Phase::Draining;
-        if !wants_input && conn.queued() == 0 && !conn.has(flag::RECV_ARMED) {
+        let wants_input = !conn.has(flag::READ_CLOSED | flag::PAUSED | flag::MEMORY_WAIT)
+            && conn.phase != Phase::Draining;
+        // Waiting for memory is waiting for input, even with nothing queued.
+        let waits_for_memory = conn.has(flag::MEMORY_WAIT)
+            && conn.phase == Phase::Open
+            && !conn.has(flag::READ_CLOSED);
+        if !wants_input && !waits_for_memory && conn.queued() == 0 && !conn.has(flag::RECV_ARMED) {
             let reason = if conn.phase == Phase::Lingering {
                 CloseReason::PeerClosed
             } else {
@@ -260,8 +284,8 @@ impl<P: Protocol> Engine<P> {
             }
             conn.flags |= flag::RECV_ARMED;
         } else if !wants_input && conn.has(flag::RECV_ARMED) && !conn.has(flag::CANCELLING) {
-            // Paused or draining: stop the multishot receive; its last
-            // completion clears RECV_ARMED.
+            // Paused (by its own queue or all of them) or draining: stop
+            // the multishot receive; its last completion clears RECV_ARMED.
             if self.ring.cancel_recv(tag).is_ok() {
                 conn.flags |= flag::CANCELLING;
             }
@@ -276,6 +300,7 @@ impl<P: Protocol> Engine<P> {
     /// Closes and forgets a connection, and tells the protocol.
     pub(super) fn close(&mut self, key: usize, reason: CloseReason) {
         let conn = self.conns.remove(key);
+        self.memory.recount(conn.footprint(), 0);
         let tag = tag_of(key, conn.generation);
         // The ring holds its own reference to the socket while an
         // operation is armed on it, so close(2) alone would not close the
@@ -303,8 +328,19 @@ impl<P: Protocol> Engine<P> {
     }
 
     /// Delivers queued broadcasts, closing recipients that cannot take
-    /// them; their departure may broadcast more.
+    /// them; their departure may broadcast more. Chat at `--max-memory`:
+    /// then drops the biggest reader, whose `left` line is one more
+    /// broadcast to deliver.
     pub(super) fn deliver(&mut self) {
+        loop {
+            self.deliver_queued();
+            if !self.drop_largest_over_cap() {
+                return;
+            }
+        }
+    }
+
+    fn deliver_queued(&mut self) {
         let mut doomed = Vec::new();
         while !self.broadcasts.is_empty() {
             let batch = std::mem::take(&mut self.broadcasts);
@@ -316,6 +352,7 @@ impl<P: Protocol> Engine<P> {
                 if conn.phase != Phase::Open || conn.has(flag::FAILED | flag::OVERFLOW) {
                     continue;
                 }
+                let before = conn.footprint();
                 for b in batch.iter().filter(|b| b.from != tag) {
                     if queue_shared(
                         &mut conn.out,
@@ -331,6 +368,7 @@ impl<P: Protocol> Engine<P> {
                         break;
                     }
                 }
+                self.memory.recount(before, conn.footprint());
             }
             for key in doomed.drain(..) {
                 self.settle(key);

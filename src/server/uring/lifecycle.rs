@@ -139,6 +139,7 @@ impl<P: Protocol> Engine<P> {
             session,
         });
         self.stats.active += 1;
+        self.recount(key, 0);
         log::debug!("[conn {key}] open ({} held)", self.conns.len());
         if let Some(idle) = self.config.idle_timeout {
             self.timers
@@ -207,8 +208,11 @@ impl<P: Protocol> Engine<P> {
             let conn = &self.conns[key];
             let due = match (conn.phase, self.config.idle_timeout) {
                 (Phase::Lingering, _) => conn.stamp,
-                // Waiting on the client to read is not being idle.
-                (_, Some(idle)) if conn.has(flag::PAUSED) => self.now + idle.as_millis() as u64,
+                // Waiting on the client to read, or for memory others
+                // hold, is not being idle.
+                (_, Some(idle)) if conn.has(flag::PAUSED | flag::MEMORY_WAIT) => {
+                    self.now + idle.as_millis() as u64
+                }
                 (_, Some(idle)) => conn.stamp + idle.as_millis() as u64,
                 (_, None) => continue,
             };

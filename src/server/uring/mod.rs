@@ -46,6 +46,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use slab::Slab;
 
 use super::listen::{Listeners, SocketFile};
+use super::memory::MemoryCap;
 use super::stats::Stats;
 use super::timer::Timers;
 use super::{Config, ServeError};
@@ -54,6 +55,7 @@ use crate::protocol::Protocol;
 mod conn;
 mod handlers;
 mod lifecycle;
+mod memory;
 pub mod ring;
 
 use conn::{Broadcast, Conn, Spare};
@@ -129,6 +131,11 @@ pub struct Engine<P: Protocol> {
     /// Descriptors to close once the cancels for them are submitted.
     closing: Vec<OwnedFd>,
     spare: Spare,
+    /// Bytes held for all clients under `--max-memory`, and the
+    /// connections (by tag) waiting for room; see `memory.rs`.
+    memory: MemoryCap<u64>,
+    /// Connections re-armed by the last `resume_waiting` (kept for reuse).
+    woken: Vec<usize>,
     timers: Timers,
     stats: Stats,
     config: Config,
@@ -199,6 +206,8 @@ pub fn new_engine<P: Protocol>(
         broadcasts: Vec::new(),
         closing: Vec::new(),
         spare: Spare::default(),
+        memory: MemoryCap::new(config.max_memory),
+        woken: Vec::new(),
         timers: Timers::default(),
         stats: Stats::default(),
         config,
@@ -253,6 +262,8 @@ impl<P: Protocol> Engine<P> {
             }
             self.events = events;
             self.expire()?;
+            self.resume_waiting();
+            self.check_memory_count();
             self.flush()?;
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now >= deadline {

@@ -1,0 +1,133 @@
+//! `--max-memory` on the uring engine: one bound on the bytes held for all
+//! clients, kept with the readiness engine's bookkeeping
+//! ([`MemoryCap`](crate::server::memory::MemoryCap)) and the protocol's
+//! [`AtMemoryCap`].
+//!
+//! # What is counted
+//! The engine's `memory` is the sum of every connection's
+//! [`Out::footprint`](super::conn::Out::footprint): its output waiting or
+//! in flight, and input held back while it was paused. Every place that
+//! changes one adjusts the count ([`Engine::recount`]): a receive, a send
+//! completion, a broadcast delivery, an accept (a greeting), a close.
+//! Bytes are counted by length; a chat line shared by 1,000 recipients
+//! counts once in each queue that holds it, as in the readiness engine
+//! (`event_loop/memory.rs` says why that is the right over-count).
+//!
+//! # At the cap
+//! - `Pause` (echo): the readiness engine checks the room *before* a read;
+//!   here the receive is already armed, so the check comes after the
+//!   bytes arrived: a connection whose input left less than a read's room
+//!   is marked [`flag::MEMORY_WAIT`], its multishot receive is cancelled
+//!   (as for `--max-buffer`) and it joins the queue. What was already
+//!   received is still served: the overshoot is what one wake-up brought,
+//!   which the receive pool bounds. Once the count has fallen to three
+//!   quarters of the cap, waiting connections are re-armed oldest first,
+//!   as many as the room allows ([`MemoryCap::resume`]), so nobody starves.
+//!   The bytes a waiting client still sends stay in the kernel, against its
+//!   TCP window. A client with nothing queued is still served at the cap
+//!   when the protocol [mirrors its input](Protocol::MIRRORS_INPUT): it may
+//!   have one receive's echo in flight at a time (the readiness engine
+//!   peeks and writes back instead; a completion has no peek), so a
+//!   well-behaved client keeps its service while others hold the memory.
+//! - `DropLargest` (chat): after each delivery, while the count is over
+//!   the cap, the client holding the most is closed as a slow consumer.
+
+use super::conn::{flag, Phase};
+use super::{key_of, tag_of, Engine};
+use crate::protocol::{AtMemoryCap, Protocol};
+use crate::server::memory::{biggest, MIN_READ};
+use crate::server::CloseReason;
+
+#[cfg(doc)]
+use crate::server::memory::MemoryCap;
+
+impl<P: Protocol> Engine<P> {
+    /// Adds what the connection at `key` holds now, less the `before` it
+    /// held at the last count.
+    pub(super) fn recount(&mut self, key: usize, before: usize) {
+        self.memory.recount(before, self.conns[key].footprint());
+    }
+
+    /// After input was handed to the protocol: if all connections together
+    /// leave less than a read's room, this one stops receiving and waits
+    /// its turn. `was_empty`: nothing was queued before this input.
+    pub(super) fn wait_if_no_room(&mut self, key: usize, was_empty: bool) {
+        let conn = &mut self.conns[key];
+        if P::AT_MEMORY_CAP != AtMemoryCap::Pause
+            || conn.phase != Phase::Open
+            || conn.has(flag::MEMORY_WAIT | flag::READ_CLOSED)
+            || self.memory.room() >= MIN_READ
+            // A mirroring client with nothing queued before: one echo in
+            // flight at a time, even at the cap (see the module docs).
+            || (P::MIRRORS_INPUT && was_empty)
+        {
+            return;
+        }
+        log::debug!(
+            "[conn {key}] --max-memory reached ({} bytes held): receiving paused",
+            self.memory.used()
+        );
+        conn.flags |= flag::MEMORY_WAIT;
+        if !conn.has(flag::IN_LINE) {
+            conn.flags |= flag::IN_LINE;
+            self.memory.wait(tag_of(key, conn.generation));
+        }
+    }
+
+    /// Once memory has freed, re-arms waiting connections in the order they
+    /// began to wait, as many as the room allows.
+    pub(super) fn resume_waiting(&mut self) {
+        let mut woken = std::mem::take(&mut self.woken);
+        let (conns, now) = (&mut self.conns, self.now);
+        self.memory.resume(|tag| {
+            let (key, generation) = key_of(tag);
+            let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else {
+                return false;
+            };
+            conn.flags &= !flag::IN_LINE;
+            if !conn.has(flag::MEMORY_WAIT) {
+                // Served meanwhile with nothing queued (see `settle`).
+                return false;
+            }
+            conn.flags &= !flag::MEMORY_WAIT;
+            conn.stamp = now;
+            woken.push(key);
+            true
+        });
+        for &key in &woken {
+            log::debug!("[conn {key}] memory freed: receiving again");
+            self.settle(key);
+        }
+        woken.clear();
+        self.woken = woken;
+    }
+
+    /// Chat at the cap: closes the client holding the most. Returns false
+    /// when the count is within the cap (nothing to do).
+    pub(super) fn drop_largest_over_cap(&mut self) -> bool {
+        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest || !self.memory.over() {
+            return false;
+        }
+        let held = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.has(flag::FAILED | flag::OVERFLOW))
+            .map(|(k, c)| (k, c.footprint()));
+        let Some((key, bytes)) = biggest(held) else {
+            return false;
+        };
+        log::warn!(
+            "[conn {key}] slow consumer: {} bytes queued in all passed --max-memory; \
+             disconnecting the biggest reader ({bytes} bytes)",
+            self.memory.used()
+        );
+        self.close(key, CloseReason::SlowConsumer);
+        true
+    }
+
+    /// Debug builds: the running count equals the sum it stands for.
+    pub(super) fn check_memory_count(&self) {
+        self.memory
+            .check(|| self.conns.iter().map(|(_, c)| c.footprint()).sum());
+    }
+}
