@@ -52,7 +52,7 @@ impl<P: Protocol> EventLoop<P> {
                 let before = (conn.queued(), conn.state);
                 let held = conn.footprint();
                 conn.send_shared(&mine, self.config.max_buffer, &mut self.stats);
-                self.memory = self.memory + conn.footprint() - held;
+                self.memory.recount(held, conn.footprint());
                 if conn.state != before.1 || (before.0 == 0 && conn.queued() > 0) {
                     self.to_advance.push(token);
                 }

@@ -9,13 +9,11 @@ use mio::Token;
 
 use super::{EventLoop, ReadUntil, Readiness};
 
-/// Below this much room under `--max-memory`, a read waits for memory
-/// rather than take a few bytes at a time.
-const MIN_ROOM: usize = 4096;
 use crate::net::io::attempt;
 use crate::net::ready::{READ_BUDGET, WRITE_BUDGET};
 use crate::protocol::Protocol;
 use crate::server::connection::{Action, CloseReason, GoneOutbox, State};
+use crate::server::memory::MIN_READ as MIN_ROOM;
 use crate::server::token::{connection_token, TokenName};
 use crate::server::LINGER;
 
@@ -270,7 +268,7 @@ impl<P: Protocol> EventLoop<P> {
             log::debug!("[{}] deregister failed: {e}", TokenName(token));
         }
         let conn = self.conns.remove(key);
-        self.memory -= conn.footprint();
+        self.memory.recount(conn.footprint(), 0);
         self.stats.count_close(reason);
         if reason == CloseReason::SlowConsumer {
             log::warn!(

@@ -2,7 +2,8 @@
 //!
 //! `--max-buffer` bounds one client's queue; without a bound on the sum,
 //! 19,000 clients that write and never read would each fill theirs, about
-//! 19 GB. So the loop keeps one running count, [`EventLoop::memory`]: the
+//! 19 GB. So the loop keeps one running count, [`EventLoop::memory`]
+//! (a [`MemoryCap`], shared with the uring engine): the
 //! sum of every connection's [`OutQueue::footprint`] (owned chunks by
 //! capacity, so growth slack counts too). Every place that changes a queue
 //! adjusts it: a handler (its writes and its protocol's replies), a
@@ -42,47 +43,36 @@
 use std::io::Read;
 
 use super::{EventLoop, ReadUntil};
-use crate::buffer::GROWTH_SLACK;
 use crate::net::io::attempt;
 use crate::net::ready::SCRATCH;
 use crate::protocol::{AtMemoryCap, Protocol};
 use crate::server::connection::{write_now, CloseReason, State};
-use crate::server::token::{connection_token, TokenName};
+use crate::server::memory::biggest;
+use crate::server::token::{connection_key, connection_token, TokenName};
 
 #[cfg(doc)]
 use crate::buffer::OutQueue;
-
-/// A waiting connection is not woken for less room than this.
-const MIN_READ: usize = 4096;
+#[cfg(doc)]
+use crate::server::memory::MemoryCap;
 
 impl<P: Protocol> EventLoop<P> {
     /// How many bytes a read may take now without the count passing the
     /// cap; `None` when this protocol does not pause at the cap.
     pub(super) fn memory_room(&self) -> Option<usize> {
-        (P::AT_MEMORY_CAP == AtMemoryCap::Pause).then(|| {
-            if self.memory == 0 {
-                // Nothing queued anywhere: one read may always go, or a
-                // cap below one read's worth would stop everyone for good.
-                return usize::MAX;
-            }
-            self.config
-                .max_memory
-                .saturating_sub(self.memory + GROWTH_SLACK)
-        })
+        (P::AT_MEMORY_CAP == AtMemoryCap::Pause).then(|| self.memory.room())
     }
 
     /// Adds what a connection's queue grew by (or takes off what it
     /// shrank by) since it occupied `before` bytes.
     pub(super) fn recount(&mut self, key: usize, before: usize) {
-        let after = self.conns[key].footprint();
-        self.memory = self.memory + after - before;
+        self.memory.recount(before, self.conns[key].footprint());
     }
 
     /// [`EventLoop::recount`] inside a read loop: `held` is what the queue
     /// occupied at the last count, and becomes what it occupies now.
     pub(super) fn recount_from(&mut self, key: usize, held: &mut usize) {
         let now = self.conns[key].footprint();
-        self.memory = self.memory + now - *held;
+        self.memory.recount(*held, now);
         *held = now;
     }
 
@@ -95,54 +85,52 @@ impl<P: Protocol> EventLoop<P> {
             log::debug!(
                 "[{}] --max-memory reached ({} bytes queued): waiting",
                 TokenName(token),
-                self.memory
+                self.memory.used()
             );
             conn.state.memory_full();
-            self.waiting.push_back(token);
+            self.memory.wait(token);
         }
     }
 
     /// Once the count has fallen to three quarters of the cap, reads from
     /// waiting connections again, oldest first, as many as the room allows
-    /// (each may take a scratch buffer's worth and its growth slack).
+    /// (see [`MemoryCap::resume`](crate::server::memory::MemoryCap::resume)).
     pub(super) fn resume_waiting(&mut self) {
-        let cap = self.config.max_memory;
-        if self.waiting.is_empty() || self.memory > cap - cap / 4 {
-            return;
-        }
-        // At least one goes: room is never less than one read's worth.
-        let mut room = (cap - self.memory).max(SCRATCH + GROWTH_SLACK);
-        while room >= MIN_READ {
-            let Some(token) = self.waiting.pop_front() else {
-                break;
-            };
+        let mut woken = Vec::new();
+        let (conns, now) = (&mut self.conns, self.now);
+        self.memory.resume(|token| {
             // Entries of connections closed or moved on since are stale.
-            let Some(key) = self.key_of(token) else {
-                continue;
+            let Some((key, generation)) = connection_key(token) else {
+                return false;
             };
-            if self.conns[key].state.memory_freed() {
-                log::debug!("[{}] memory freed: reading again", TokenName(token));
-                self.conns[key].since = self.now;
-                room = room.saturating_sub(SCRATCH + GROWTH_SLACK);
-                self.push_ready(token);
+            let Some(c) = conns.get_mut(key).filter(|c| c.generation == generation) else {
+                return false;
+            };
+            if !c.state.memory_freed() {
+                return false;
             }
+            c.since = now;
+            woken.push(token);
+            true
+        });
+        for token in woken {
+            log::debug!("[{}] memory freed: reading again", TokenName(token));
+            self.push_ready(token);
         }
     }
 
     /// Chat at the cap: closes the client with the most queued output.
     /// Returns false when the count is within the cap (nothing to do).
     pub(super) fn drop_largest_over_cap(&mut self) -> bool {
-        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest || self.memory <= self.config.max_memory {
+        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest || !self.memory.over() {
             return false;
         }
-        let Some((key, bytes)) = self
+        let held = self
             .conns
             .iter()
             .filter(|(_, c)| !c.state.is_closing())
-            .map(|(k, c)| (k, c.footprint()))
-            .max_by_key(|&(_, f)| f)
-            .filter(|&(_, f)| f > 0)
-        else {
+            .map(|(k, c)| (k, c.footprint()));
+        let Some((key, bytes)) = biggest(held) else {
             return false;
         };
         let token = connection_token(key, self.conns[key].generation);
@@ -150,7 +138,7 @@ impl<P: Protocol> EventLoop<P> {
             "[{}] slow consumer: {} bytes queued in all passed --max-memory; \
              disconnecting the biggest reader ({bytes} bytes)",
             TokenName(token),
-            self.memory
+            self.memory.used()
         );
         self.close(key, CloseReason::SlowConsumer);
         true
@@ -234,9 +222,7 @@ impl<P: Protocol> EventLoop<P> {
 
     /// Debug builds: the running count equals the sum it stands for.
     pub(super) fn check_memory_count(&self) {
-        if cfg!(debug_assertions) {
-            let sum: usize = self.conns.iter().map(|(_, c)| c.footprint()).sum();
-            assert_eq!(self.memory, sum, "memory count drifted");
-        }
+        self.memory
+            .check(|| self.conns.iter().map(|(_, c)| c.footprint()).sum());
     }
 }

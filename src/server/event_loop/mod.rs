@@ -36,7 +36,6 @@
 //!   `WouldBlock` is skipped. Only when the event was a fresh edge without
 //!   a hang-up; see [`ReadUntil`].
 
-use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +48,7 @@ use slab::Slab;
 
 use super::connection::{Broadcast, Connection};
 use super::listen::{Listeners, SocketFile};
+use super::memory::MemoryCap;
 use super::stats::Stats;
 use super::timer::Timers;
 use super::token::{
@@ -186,10 +186,9 @@ pub(crate) struct EventLoop<P: Protocol> {
     to_advance: Vec<Token>,
     timers: Timers,
     /// Bytes all connections' output queues occupy (the sum of their
-    /// footprints), held under `--max-memory`; see `memory.rs`.
-    memory: usize,
-    /// Connections waiting for memory, in the order they began to wait.
-    waiting: VecDeque<Token>,
+    /// footprints), held under `--max-memory`, and the connections waiting
+    /// for memory, in the order they began to wait; see `memory.rs`.
+    memory: MemoryCap<Token>,
     stats: Stats,
     config: Config,
     max_connections: usize,
@@ -282,8 +281,7 @@ impl<P: Protocol> EventLoop<P> {
             broadcasts: Vec::new(),
             to_advance: Vec::new(),
             timers: Timers::default(),
-            memory: 0,
-            waiting: VecDeque::new(),
+            memory: MemoryCap::new(config.max_memory),
             stats: Stats::default(),
             config,
             max_connections,
