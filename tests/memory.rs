@@ -162,16 +162,18 @@ fn a_flood_read_back_one_client_at_a_time_still_gets_every_byte(engine: &str) {
 }
 engines!(a_flood_read_back_one_client_at_a_time_still_gets_every_byte: reactor, uring);
 
-#[test]
-fn chat_drops_the_biggest_reader_at_the_memory_cap() {
-    let server = Server::start(&[
-        "--mode",
-        "chat",
-        "--max-memory",
-        "1048576",
-        "--max-buffer",
-        "8388608",
-    ]);
+fn chat_drops_the_biggest_reader_at_the_memory_cap(engine: &str) {
+    let server = Server::start_engine(
+        engine,
+        &[
+            "--mode",
+            "chat",
+            "--max-memory",
+            "1048576",
+            "--max-buffer",
+            "8388608",
+        ],
+    );
     let sink = small_window_client(server.addr);
     let mut watcher = BufReader::new(server.connect());
     let mut line = String::new();
@@ -223,6 +225,7 @@ fn chat_drops_the_biggest_reader_at_the_memory_cap() {
         }
     }
 }
+engines!(chat_drops_the_biggest_reader_at_the_memory_cap: reactor, uring);
 
 #[test]
 fn quit_while_still_sending_gets_bye_not_a_reset() {
