@@ -43,19 +43,31 @@ impl Flood {
         for s in &socks {
             s.set_nonblocking(true).unwrap();
         }
-        let mut sent = vec![0; n];
+        let mut flood = Flood {
+            socks,
+            sent: vec![0; n],
+            data,
+        };
+        flood.push(each);
+        flood
+    }
+
+    /// Writes on, each client up to `each` bytes in all, until the server
+    /// takes no more (half a second with no progress).
+    fn push(&mut self, each: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut quiet_since = Instant::now();
         while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_millis(500) {
             let mut progress = false;
-            for (i, mut s) in socks.iter().enumerate() {
-                if sent[i] >= each {
+            for (i, mut s) in self.socks.iter().enumerate() {
+                let sent = &mut self.sent[i];
+                if *sent >= each {
                     continue;
                 }
-                let end = (sent[i] + 64 * 1024).min(each);
-                match s.write(&data[i + sent[i]..i + end]) {
+                let end = (*sent + 64 * 1024).min(each);
+                match s.write(&self.data[i + *sent..i + end]) {
                     Ok(k) => {
-                        sent[i] += k;
+                        *sent += k;
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -68,7 +80,6 @@ impl Flood {
                 thread::sleep(Duration::from_millis(10));
             }
         }
-        Flood { socks, sent, data }
     }
 
     fn total(&self) -> usize {
@@ -161,6 +172,34 @@ fn a_flood_read_back_one_client_at_a_time_still_gets_every_byte(engine: &str) {
     assert_eq!(got, flood.total());
 }
 engines!(a_flood_read_back_one_client_at_a_time_still_gets_every_byte: reactor, uring);
+
+/// A client waiting for memory goes again once another client frees it,
+/// before its own queue has drained: the waiting line, not only its own
+/// reading, brings it back.
+fn a_waiting_client_goes_again_when_another_frees_memory(engine: &str) {
+    let server = Server::start_engine(
+        engine,
+        &["--max-memory", "4194304", "--max-buffer", "67108864"],
+    );
+    let each = 32 << 20;
+    // The hog fills the cap by itself; then the other can queue nothing.
+    let hog = Flood::start(server.addr, 1, each);
+    let mut other = Flood::start(server.addr, 1, each);
+    let stuck = other.total();
+    // The hog leaves with its echo unread (a reset): its memory is free.
+    drop(hog);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while other.total() < stuck + (2 << 20) && Instant::now() < deadline {
+        other.push(each);
+    }
+    assert!(
+        other.total() >= stuck + (2 << 20),
+        "the waiting client took {} bytes more after the hog left",
+        other.total() - stuck
+    );
+    other.read_back();
+}
+engines!(a_waiting_client_goes_again_when_another_frees_memory: reactor, uring);
 
 fn chat_drops_the_biggest_reader_at_the_memory_cap(engine: &str) {
     let server = Server::start_engine(
