@@ -3,6 +3,7 @@
 use std::fmt;
 
 use super::connection::CloseReason;
+use crate::metrics::Snapshot;
 
 /// What the server has done since it started.
 #[derive(Debug, Default, Clone)]
@@ -64,6 +65,35 @@ impl Stats {
         self.closed_by[reason as usize] += 1;
         if reason == CloseReason::SlowConsumer {
             self.dropped_slow += 1;
+        }
+    }
+
+    /// The `--metrics` snapshot of these counters, with the gauges an
+    /// engine counts by walking its connections when a scrape asks
+    /// (either engine: the series are the same).
+    pub fn snapshot(&self, queued_bytes: u64, paused: u64, ready_list: u64) -> Snapshot {
+        Snapshot {
+            connections_active: self.active as u64,
+            connections_accepted: self.accepted,
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), self.closed_by[*r as usize]))
+                .chain([("rejected".to_string(), self.rejected)])
+                .collect(),
+            bytes_received: self.bytes_in,
+            bytes_sent: self.bytes_out,
+            reads: self.reads + self.udp_in,
+            queued_bytes,
+            paused_connections: paused,
+            ready_list,
+            poll_wakeups: self.poll_wakeups,
+            events_per_wakeup: self.events_per_wakeup,
+            events: self.events,
+            busy_nanos: self.busy_nanos,
+            accept_paused: self.accept_paused,
+            slow_consumers_dropped: self.dropped_slow,
+            udp_received: self.udp_in,
+            udp_sent: self.udp_out,
         }
     }
 }

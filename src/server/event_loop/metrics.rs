@@ -20,7 +20,7 @@
 use super::EventLoop;
 use crate::metrics::{render, Snapshot};
 use crate::protocol::Protocol;
-use crate::server::connection::{CloseReason, State};
+use crate::server::connection::State;
 
 impl<P: Protocol> EventLoop<P> {
     /// The endpoint's `Poll` has events (or it is time to look): serve
@@ -48,34 +48,11 @@ impl<P: Protocol> EventLoop<P> {
 
     /// Everything the loop can tell, now.
     pub fn snapshot(&self) -> Snapshot {
-        let s = &self.stats;
         let (mut queued, mut paused) = (0u64, 0u64);
         for (_, c) in &self.conns {
             queued += c.queued() as u64;
             paused += u64::from(c.state == State::Paused);
         }
-        Snapshot {
-            connections_active: s.active as u64,
-            connections_accepted: s.accepted,
-            closed: CloseReason::ALL
-                .iter()
-                .map(|r| (r.as_str().to_string(), s.closed_by[*r as usize]))
-                .chain([("rejected".to_string(), s.rejected)])
-                .collect(),
-            bytes_received: s.bytes_in,
-            bytes_sent: s.bytes_out,
-            reads: s.reads + s.udp_in,
-            queued_bytes: queued,
-            paused_connections: paused,
-            ready_list: self.ready.len() as u64,
-            poll_wakeups: s.poll_wakeups,
-            events_per_wakeup: s.events_per_wakeup,
-            events: s.events,
-            busy_nanos: s.busy_nanos,
-            accept_paused: s.accept_paused,
-            slow_consumers_dropped: s.dropped_slow,
-            udp_received: s.udp_in,
-            udp_sent: s.udp_out,
-        }
+        self.stats.snapshot(queued, paused, self.ready.len() as u64)
     }
 }
