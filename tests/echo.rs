@@ -338,7 +338,6 @@ mod lifecycle {
             &["serve", "--mode", "chat", "--udp", "127.0.0.1:0"],
             &["serve", "--engine", "uring", "--udp", "127.0.0.1:0"],
             &["serve", "--engine", "uring", "--workers", "2"],
-            &["serve", "--engine", "uring", "--metrics", "127.0.0.1:0"],
         ] {
             let out = Command::new(bin()).args(args).output().unwrap();
             assert_eq!(out.status.code(), Some(2), "{args:?}");

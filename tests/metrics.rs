@@ -35,9 +35,8 @@ const REQUIRED: &[&str] = &[
     "reactor_reads_total",
 ];
 
-#[test]
-fn every_series_is_there_valid_and_counts_real_traffic() {
-    let (server, metrics) = start_with_metrics(&[]);
+fn every_series_is_there_valid_and_counts_real_traffic(engine: &str) {
+    let (server, metrics) = start_with_metrics(&["--engine", engine]);
     let before = scrape(metrics);
     for name in REQUIRED {
         assert!(before.samples(name).next().is_some(), "no {name}");
@@ -88,6 +87,7 @@ fn every_series_is_there_valid_and_counts_real_traffic() {
     );
     assert_eq!(v(&after, "reactor_connections_active", &[]), 0.0);
 }
+engines!(every_series_is_there_valid_and_counts_real_traffic: reactor, uring);
 
 #[test]
 fn udp_datagrams_are_counted_by_direction() {
@@ -117,9 +117,8 @@ fn udp_datagrams_are_counted_by_direction() {
     );
 }
 
-#[test]
-fn other_paths_are_404_and_head_has_no_body() {
-    let (_server, metrics) = start_with_metrics(&[]);
+fn other_paths_are_404_and_head_has_no_body(engine: &str) {
+    let (_server, metrics) = start_with_metrics(&["--engine", engine]);
     let (code, _) = http(metrics, "GET / HTTP/1.1");
     assert_eq!(code, 404);
     let (code, _) = http(metrics, "GET /metrics/x HTTP/1.1");
@@ -131,10 +130,17 @@ fn other_paths_are_404_and_head_has_no_body() {
     assert_eq!(code, 405);
     assert!(raw.contains("Allow: GET, HEAD"));
 }
+engines!(other_paths_are_404_and_head_has_no_body: reactor, uring);
 
-#[test]
-fn rejected_and_paused_connections_show() {
-    let (server, metrics) = start_with_metrics(&["--max-connections", "1", "--max-buffer", "4096"]);
+fn rejected_and_paused_connections_show(engine: &str) {
+    let (server, metrics) = start_with_metrics(&[
+        "--engine",
+        engine,
+        "--max-connections",
+        "1",
+        "--max-buffer",
+        "4096",
+    ]);
     let held = connect(server.addr);
     // A second client is turned away at once.
     let mut extra = connect(server.addr);
@@ -168,10 +174,10 @@ fn rejected_and_paused_connections_show() {
     writer.join().unwrap();
     drop(held);
 }
+engines!(rejected_and_paused_connections_show: reactor, uring);
 
-#[test]
-fn an_endless_header_is_cut_off_and_memory_stays_bounded() {
-    let (server, metrics) = start_with_metrics(&[]);
+fn an_endless_header_is_cut_off_and_memory_stays_bounded(engine: &str) {
+    let (server, metrics) = start_with_metrics(&["--engine", engine]);
     scrape(metrics);
     let rss_before = server.rss_kib();
     // Eight clients at once, each sending a header that never ends.
@@ -216,6 +222,7 @@ fn an_endless_header_is_cut_off_and_memory_stays_bounded() {
     // And the endpoint still answers.
     scrape(metrics);
 }
+engines!(an_endless_header_is_cut_off_and_memory_stays_bounded: reactor, uring);
 
 #[test]
 fn metrics_with_the_threads_engine_is_a_usage_error() {

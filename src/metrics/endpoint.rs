@@ -40,7 +40,7 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
@@ -221,6 +221,14 @@ impl Endpoint {
     /// Closes every client and stops listening (shutdown).
     pub fn close_all(&mut self) {
         self.inner.close_all(self.poll.registry());
+    }
+}
+
+/// The endpoint's own `Poll` (an epoll descriptor): the uring engine polls
+/// it for input, as the readiness loop registers it ([`Endpoint::register`]).
+impl AsRawFd for Endpoint {
+    fn as_raw_fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
     }
 }
 

@@ -395,11 +395,6 @@ fn max_connections(config: &Config) -> usize {
 /// Binds the listeners `config` asks for, prints one `listening on` line
 /// per listener on stdout, and serves until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), ServeError> {
-    if config.metrics.is_some() && config.engine == Engine::Uring {
-        return Err(ServeError::Usage(
-            "--metrics is not served by --engine uring yet; use --engine reactor".into(),
-        ));
-    }
     if config.workers > 1 && config.engine == Engine::Uring {
         return Err(ServeError::Usage(
             "--workers is not served by --engine uring yet; use --engine reactor".into(),

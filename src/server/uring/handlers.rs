@@ -74,6 +74,7 @@ impl<P: Protocol> Engine<P> {
     /// the rest held until it drains.
     fn on_bytes(&mut self, key: usize, buf: &RecvBuf) {
         self.stats.bytes_in += buf.len() as u64;
+        self.stats.reads += 1;
         let conn = &mut self.conns[key];
         conn.stamp = self.now;
         if conn.phase != Phase::Open {

@@ -160,6 +160,12 @@ impl<P: Protocol> Engine<P> {
             self.ring.cancel_fd(l.as_fd())?;
             self.closing.push(l.into());
         }
+        // The endpoint's poll holds its `Poll` open until cancelled; its
+        // clients and listener close now.
+        if let Some(mut m) = self.metrics.take() {
+            self.ring.cancel_poll(super::METRICS)?;
+            m.close_all();
+        }
         // Dropping the socket file (after the listener) removes it.
         if let Some((l, file)) = self.unix.take() {
             self.ring.cancel_fd(l.as_fd())?;
@@ -200,6 +206,10 @@ impl<P: Protocol> Engine<P> {
                 log::info!("{}", self.stats);
                 self.next_stats = Some(self.now + every.as_millis() as u64);
             }
+        }
+        if let Some(m) = &mut self.metrics {
+            // Clients past their request deadline.
+            m.expire(self.now);
         }
         while let Some(token) = self.timers.pop_due(self.now) {
             let Some(key) = self.live(token.0 as u64) else {

@@ -10,7 +10,8 @@
 //!            │   Accepted → open a connection, arm its receive │
 //!            │   Received → bytes from the pool → protocol     │
 //!            │   Sent     → drop what went out, maybe resume   │
-//!            │   Polled   → the signal pipe: begin shutdown    │
+//!            │   Polled   → the signal pipe: begin shutdown;   │
+//!            │              the metrics endpoint: serve it     │
 //!            │ deliver broadcasts; expire timers               │
 //!            │ queue one send per connection with output       │
 //!            └─────────────────────────────────────────────────┘
@@ -38,7 +39,7 @@
 
 use std::io::{self, Read};
 use std::net::TcpListener;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -50,12 +51,14 @@ use super::memory::MemoryCap;
 use super::stats::Stats;
 use super::timer::Timers;
 use super::{Config, ServeError};
+use crate::metrics::endpoint::Endpoint;
 use crate::protocol::Protocol;
 
 mod conn;
 mod handlers;
 mod lifecycle;
 mod memory;
+mod metrics;
 pub mod ring;
 
 use conn::{Broadcast, Conn, Spare};
@@ -85,8 +88,9 @@ const REAP_SLICE: usize = 256;
 /// Listener tags (accepts are told apart from receives by the ring).
 const TCP: u64 = 0;
 const UNIX: u64 = 1;
-/// The signal pipe's poll tag.
+/// Poll tags: the signal pipe, the metrics endpoint's `Poll`.
 const SIGNALS: u64 = 0;
+const METRICS: u64 = 1;
 
 /// Whether accepting is on, paused after running out of descriptors, or
 /// over (shutting down).
@@ -121,6 +125,8 @@ pub struct Engine<P: Protocol> {
     accept_armed: [bool; 2],
     /// Read end of signal-hook's pipe for SIGINT and SIGTERM.
     signals: UnixStream,
+    /// The `--metrics` endpoint (see `metrics.rs`).
+    metrics: Option<Endpoint>,
     conns: Slab<Conn<P::Session>>,
     protocol: P,
     /// Completions of this turn.
@@ -190,6 +196,11 @@ pub fn new_engine<P: Protocol>(
     let (signals, pipe_in) = UnixStream::pair().map_err(io)?;
     signals.set_nonblocking(true).map_err(io)?;
     let pipe_in2 = pipe_in.try_clone().map_err(io)?;
+    let metrics = listeners
+        .metrics
+        .map(Endpoint::new)
+        .transpose()
+        .map_err(io)?;
     signal_hook::low_level::pipe::register(SIGINT, pipe_in).map_err(io)?;
     signal_hook::low_level::pipe::register(SIGTERM, pipe_in2).map_err(io)?;
     let next_stats = config.stats_interval.map(|d| d.as_millis() as u64);
@@ -199,6 +210,7 @@ pub fn new_engine<P: Protocol>(
         unix: listeners.unix.map(|u| (u.listener, u.file)),
         accept_armed: [false; 2],
         signals,
+        metrics,
         conns: Slab::new(),
         protocol,
         events: Vec::with_capacity(REAP_SLICE),
@@ -223,8 +235,11 @@ pub fn new_engine<P: Protocol>(
     engine.arm_accepts().map_err(io)?;
     engine
         .ring
-        .poll_readable(engine.signals.as_fd(), SIGNALS)
+        .poll_readable(&engine.signals, SIGNALS)
         .map_err(io)?;
+    if let Some(m) = &engine.metrics {
+        engine.ring.poll_readable(m, METRICS).map_err(io)?;
+    }
     Ok(engine)
 }
 
@@ -241,7 +256,9 @@ impl<P: Protocol> Engine<P> {
             }
             let timeout = self.wait_timeout();
             self.ring.submit_and_wait(timeout)?;
+            let woke = Instant::now();
             self.now = self.started.elapsed().as_millis() as u64;
+            let mut completions = 0;
             // In slices, so that 20,000 completions at once (every idle
             // client speaking after a quiet spell) do not leave a 20,000
             // entry buffer behind.
@@ -252,6 +269,7 @@ impl<P: Protocol> Engine<P> {
                     break;
                 }
                 log::trace!("wake-up: {} completion(s)", events.len());
+                completions += events.len();
                 for event in events.drain(..) {
                     self.on_event(event)?;
                     // Broadcasts go out before the next completion is
@@ -265,6 +283,8 @@ impl<P: Protocol> Engine<P> {
             self.resume_waiting();
             self.check_memory_count();
             self.flush()?;
+            self.stats.count_wakeup(completions);
+            self.stats.busy_nanos += woke.elapsed().as_nanos() as u64;
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || self.now >= deadline {
                     return self.finish();
@@ -284,6 +304,7 @@ impl<P: Protocol> Engine<P> {
             self.next_stats,
             accept_retry,
             self.shutdown_deadline,
+            self.metrics.as_ref().and_then(|m| m.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -305,7 +326,8 @@ impl<P: Protocol> Engine<P> {
                 self.on_sent(tag, result, batch);
                 Ok(())
             }
-            Event::Polled => self.on_signal(),
+            Event::Polled { tag: SIGNALS } => self.on_signal(),
+            Event::Polled { .. } => self.on_metrics(),
         }
     }
 

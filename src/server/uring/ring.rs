@@ -178,8 +178,12 @@ pub enum Event {
         /// The batch, whole (the caller drops what was sent).
         batch: Batch,
     },
-    /// A one-shot poll fired (the signal pipe: there is only one).
-    Polled,
+    /// A one-shot poll armed with `tag` fired (the signal pipe, the
+    /// metrics endpoint); a cancelled one is not reported.
+    Polled {
+        /// The caller's tag.
+        tag: u64,
+    },
 }
 
 /// The provided-buffer ring: `count` buffers of `size` bytes, of which the
@@ -476,8 +480,10 @@ impl Ring {
         pushed
     }
 
-    /// Arms a one-shot poll for input on `fd`.
-    pub fn poll_readable(&mut self, fd: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
+    /// Arms a one-shot poll for input on `fd` (a raw descriptor will do:
+    /// a poll names no memory, and the kernel holds its own reference to
+    /// the file until the poll completes or is cancelled).
+    pub fn poll_readable(&mut self, fd: &impl AsRawFd, tag: u64) -> io::Result<()> {
         let e = opcode::PollAdd::new(Fd(fd.as_raw_fd()), libc::POLLIN as u32)
             .build()
             .user_data(POLL << KIND_SHIFT | tag);
@@ -499,6 +505,11 @@ impl Ring {
     /// Cancels the multishot receive armed with `tag`.
     pub fn cancel_recv(&mut self, tag: u64) -> io::Result<()> {
         self.cancel_user_data(RECV << KIND_SHIFT | tag)
+    }
+
+    /// Cancels the one-shot poll armed with `tag`.
+    pub fn cancel_poll(&mut self, tag: u64) -> io::Result<()> {
+        self.cancel_user_data(POLL << KIND_SHIFT | tag)
     }
 
     /// Cancels the multishot accept armed with `tag`.
@@ -624,7 +635,8 @@ impl Ring {
                     batch: flight.batch,
                 })
             }
-            POLL => Some(Event::Polled),
+            POLL if res == -libc::ECANCELED => None,
+            POLL => Some(Event::Polled { tag }),
             _ => None,
         }
     }
