@@ -49,6 +49,10 @@ def server_cmd(kind, port, extra=()):
         # Another build of reactor (say, an older commit) for before/after
         # pairs: `--servers reactor,reactor@/tmp/old/target/release/reactor`.
         return [kind.split("@", 1)[1], "serve", "--log-level", "warn", *addr, *extra]
+    if kind.startswith("uring@"):
+        # Another build's uring engine, for before/after pairs.
+        return [kind.split("@", 1)[1], "serve", "--engine", "uring", "--log-level", "warn", *addr,
+                *extra]
     if kind in ("threads", "uring"):
         return [REACTOR, "serve", "--engine", kind, "--log-level", "warn", *addr, *extra]
     if kind == "c-ref":
@@ -261,6 +265,8 @@ def main():
     ap.add_argument("--servers", default="reactor,c-ref,threads")
     ap.add_argument("--hold-reps", type=int, default=None)
     ap.add_argument("--cells", default=None, help="uring part: which cells (default all)")
+    ap.add_argument("--uring-kinds", default="uring,reactor,c-ref",
+                    help="uring part: servers, alternating; ratios are each to the last")
     ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed,spread,churn-pairs")
     ARGS = ap.parse_args()
     servers = ARGS.servers.split(",")
@@ -347,7 +353,7 @@ def main():
         # Issue 15's targets: the uring engine, the reactor and the C
         # reference alternating (ratios are uring / C; the reactor runs in
         # the same rounds for the readiness-vs-completion table).
-        kinds = ["uring", "reactor", "c-ref"]
+        kinds = ARGS.uring_kinds.split(",")
         u = results.setdefault("uring", {})
         cells = {
             "fixed_rate_60": lambda k: echo_run(k, 1000, 1, rate=60),
