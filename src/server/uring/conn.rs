@@ -204,25 +204,23 @@ impl Spare {
     }
 }
 
-/// Queues `chunk` (a broadcast's, or a lent receive buffer) behind a
-/// connection's output, unless that would pass `limit` (then sets
-/// `OVERFLOW`). Returns true when the connection just got output to send
-/// and is not yet on the dirty list.
-pub fn queue_chunk(
+/// Queues `chunk` behind a connection's output, unless that would pass
+/// `limit` (then sets `OVERFLOW`). Returns true when the connection just
+/// got output to send and is not yet on the dirty list.
+pub fn queue_shared(
     out: &mut Option<Box<Out>>,
     flags: &mut u16,
-    chunk: Chunk,
+    chunk: Rc<[u8]>,
     limit: usize,
     spare: &mut Spare,
 ) -> bool {
     let o = out.get_or_insert_with(|| spare.out());
-    let len = chunk.bytes().len();
-    if o.queued() + len > limit {
+    if o.queued() + chunk.len() > limit {
         *flags |= flag::OVERFLOW;
         return false;
     }
-    o.waiting_len += len;
-    o.waiting.chunks.push(chunk);
+    o.waiting_len += chunk.len();
+    o.waiting.chunks.push(Chunk::Shared(chunk));
     mark_dirty(flags)
 }
 

@@ -6,8 +6,8 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 
-use super::conn::{flag, queue_chunk, GoneOutbox, Phase};
-use super::ring::{Batch, Chunk, RecvBuf};
+use super::conn::{flag, queue_shared, GoneOutbox, Phase};
+use super::ring::{Batch, RecvBuf};
 use super::{tag_of, Engine, LINGER};
 use crate::protocol::Protocol;
 use crate::server::CloseReason;
@@ -35,7 +35,8 @@ impl<P: Protocol> Engine<P> {
         match result {
             Ok(Some(buf)) => {
                 let was_empty = self.conns[key].queued() == 0;
-                self.on_bytes(key, buf);
+                self.on_bytes(key, &buf);
+                self.ring.recycle(buf);
                 self.recount(key, before);
                 self.wait_if_no_room(key, was_empty);
                 return self.settle(key);
@@ -70,44 +71,25 @@ impl<P: Protocol> Engine<P> {
 
     /// Bytes arrived: to the protocol as far as the output queue has room
     /// (back-pressure, as the readiness engine reads no more than that),
-    /// the rest held until it drains. The buffer goes back to the pool
-    /// here, or once its echo is sent.
-    fn on_bytes(&mut self, key: usize, buf: RecvBuf) {
-        let len = buf.len();
-        self.stats.bytes_in += len as u64;
+    /// the rest held until it drains.
+    fn on_bytes(&mut self, key: usize, buf: &RecvBuf) {
+        self.stats.bytes_in += buf.len() as u64;
         self.stats.reads += 1;
         let conn = &mut self.conns[key];
         conn.stamp = self.now;
         if conn.phase != Phase::Open {
             // Draining or lingering: input is read and dropped.
-            self.stats.bytes_discarded += len as u64;
-            return self.ring.recycle(buf);
+            self.stats.bytes_discarded += buf.len() as u64;
+            return;
         }
+        let bytes = self.ring.bytes(buf);
         let held = conn.out.as_ref().is_some_and(|o| !o.stash.is_empty());
         let space = self.config.max_buffer.saturating_sub(conn.queued());
         let n = if held || conn.has(flag::PAUSED) {
             0
         } else {
-            space.min(len)
+            space.min(bytes.len())
         };
-        let buf = if P::MIRRORS_INPUT && n == len {
-            // Echo's reply is its input, whole: send it from the pool
-            // buffer it arrived in rather than copy it (zero-copy), if the
-            // ring lends it.
-            match self.ring.lend(buf) {
-                Ok(chunk) => {
-                    let limit = self.config.max_buffer;
-                    if queue_chunk(&mut conn.out, &mut conn.flags, chunk, limit, &mut self.spare) {
-                        self.dirty.push(tag_of(key, conn.generation));
-                    }
-                    return;
-                }
-                Err(buf) => buf,
-            }
-        } else {
-            buf
-        };
-        let bytes = self.ring.bytes(&buf);
         if n > 0 {
             let tag = tag_of(key, conn.generation);
             let (mut outbox, session) = conn.outbox_and_session(
@@ -130,7 +112,6 @@ impl<P: Protocol> Engine<P> {
             }
             conn.flags |= flag::PAUSED;
         }
-        self.ring.recycle(buf);
     }
 
     fn protocol_eof(&mut self, key: usize) {
@@ -374,10 +355,10 @@ impl<P: Protocol> Engine<P> {
                 }
                 let before = conn.footprint();
                 for b in batch.iter().filter(|b| b.from != tag) {
-                    if queue_chunk(
+                    if queue_shared(
                         &mut conn.out,
                         &mut conn.flags,
-                        Chunk::Shared(b.chunk.clone()),
+                        b.chunk.clone(),
                         self.config.max_buffer,
                         &mut self.spare,
                     ) {

@@ -33,8 +33,6 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{self, Layout};
-use std::cell::RefCell;
-use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -66,21 +64,14 @@ static NEXT_RING_ID: AtomicU32 = AtomicU32::new(0);
 /// The buffer group id of the one provided-buffer ring.
 const BGID: u16 = 0;
 
-/// A receive this short is copied rather than lent: the copy costs less
-/// than keeping a pool buffer out of the kernel's reach until the send.
-const LEND_MIN: usize = 2048;
-
-/// One piece of output: owned bytes, a chunk shared by every recipient
-/// of a chat broadcast (one allocation, many sends), or a receive buffer
-/// lent by the pool (echo: sent from where it was received, no copy).
+/// One piece of output: owned bytes, or a chunk shared by every recipient
+/// of a chat broadcast (one allocation, many sends).
 #[derive(Debug)]
 pub enum Chunk {
     /// Bytes for one connection.
     Owned(Vec<u8>),
     /// A broadcast chunk.
     Shared(Rc<[u8]>),
-    /// A pool buffer, back to the kernel when dropped ([`Ring::lend`]).
-    Lent(Lent),
 }
 
 impl Chunk {
@@ -89,36 +80,7 @@ impl Chunk {
         match self {
             Chunk::Owned(v) => v,
             Chunk::Shared(r) => r,
-            // SAFETY: `ptr` and `len` name a filled pool buffer: the kernel
-            // finished writing it before the completion that made the
-            // `RecvBuf` this was lent from, and cannot take it again until
-            // it is provided anew, which happens only after this `Lent` is
-            // dropped (its `Drop` queues it for `Ring::reclaim`). The pool
-            // is never freed, not even with the ring (see the module docs),
-            // so the memory outlives any chunk.
-            Chunk::Lent(l) => unsafe { std::slice::from_raw_parts(l.ptr, l.len as usize) },
         }
-    }
-}
-
-/// A receive buffer lent to the output (see [`Ring::lend`]); dropping it
-/// hands the buffer back to the ring, which provides it to the kernel again.
-pub struct Lent {
-    ptr: *const u8,
-    len: u32,
-    bid: u16,
-    back: Rc<RefCell<Vec<u16>>>,
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        self.back.borrow_mut().push(self.bid);
-    }
-}
-
-impl fmt::Debug for Lent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Lent(buffer {}, {} bytes)", self.bid, self.len)
     }
 }
 
@@ -347,10 +309,6 @@ pub struct Ring {
     raw: Vec<(u64, i32, u32)>,
     /// Tells this ring's `RecvBuf`s from another's.
     id: u32,
-    /// Buffers lent out now, and those dropped since, waiting to be
-    /// provided again ([`Ring::reclaim`]).
-    lent: u16,
-    returned: Rc<RefCell<Vec<u16>>>,
 }
 
 impl Ring {
@@ -402,8 +360,6 @@ impl Ring {
             starved_now: false,
             raw: Vec::new(),
             id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
-            lent: 0,
-            returned: Rc::default(),
         })
     }
 
@@ -512,10 +468,8 @@ impl Ring {
         };
         let e = e.user_data(SEND << KIND_SHIFT | key);
         // SAFETY: the entry points at the flight's chunks (heap bytes that
-        // do not move when the chunk or the slab moves, or a lent pool
-        // buffer, which is neither freed nor provided to the kernel again
-        // while its `Lent` lives in the flight), its iovec array (heap) and
-        // its boxed msghdr. The flight stays in `flights` until
+        // do not move when the chunk or the slab moves), its iovec array
+        // (heap) and its boxed msghdr. The flight stays in `flights` until
         // this send's completion is reaped in `complete`, and on drop it is
         // leaked, never freed.
         let pushed = unsafe { self.push(e) };
@@ -584,8 +538,6 @@ impl Ring {
     /// at most `timeout` (`None`: as long as it takes). One system call.
     /// A timeout or a signal is not an error.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        // Buffers whose sends finished this turn can take receives again.
-        self.reclaim();
         let r = match timeout {
             None => self.uring.submit_and_wait(1),
             Some(t) => {
@@ -709,36 +661,6 @@ impl Ring {
         assert_eq!(b.ring, self.id, "a receive buffer of another ring");
         self.pool.provide(b.bid);
     }
-
-    /// Turns a filled buffer into an output chunk without copying it (the
-    /// buffer goes back to the kernel when the chunk is dropped, after its
-    /// send), or hands it back (`Err`) to be copied and recycled: when it
-    /// is short, or when half the buffers provided (or a quarter of the
-    /// most) are lent already, so clients that do not read cannot keep the
-    /// pool from the receives of everyone else.
-    pub fn lend(&mut self, b: RecvBuf) -> Result<Chunk, RecvBuf> {
-        assert_eq!(b.ring, self.id, "a receive buffer of another ring");
-        let most = (self.pool.provided / 2).min(self.pool.count / 4);
-        if (b.len as usize) < LEND_MIN || self.lent >= most {
-            return Err(b);
-        }
-        self.lent += 1;
-        Ok(Chunk::Lent(Lent {
-            ptr: self.bytes(&b).as_ptr(),
-            len: b.len,
-            bid: b.bid,
-            back: self.returned.clone(),
-        }))
-    }
-
-    /// Provides again the buffers of lent chunks dropped since last time.
-    fn reclaim(&mut self) {
-        let mut returned = self.returned.borrow_mut();
-        self.lent -= returned.len() as u16;
-        for bid in returned.drain(..) {
-            self.pool.provide(bid);
-        }
-    }
 }
 
 impl Drop for Ring {
@@ -748,66 +670,5 @@ impl Drop for Ring {
         // flight here; the pool has no Drop at all.
         let _ = self.pool.entries_layout;
         std::mem::forget(std::mem::take(&mut self.flights));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::fd::AsFd;
-    use std::os::unix::net::UnixStream;
-
-    /// Sends `bytes` into a socket pair watched by a multishot receive and
-    /// returns the one buffer it filled.
-    fn receive(ring: &mut Ring, bytes: &[u8]) -> (RecvBuf, UnixStream, UnixStream) {
-        let (mut a, b) = UnixStream::pair().unwrap();
-        ring.recv_multi(b.as_fd(), 7).unwrap();
-        a.write_all(bytes).unwrap();
-        let mut events = Vec::new();
-        while events.is_empty() {
-            ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
-            ring.complete(&mut events, 16);
-        }
-        match events.pop() {
-            Some(Event::Received {
-                tag: 7,
-                result: Ok(Some(buf)),
-                ..
-            }) => (buf, a, b),
-            other => panic!("expected bytes, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_lent_buffer_reads_in_place_and_goes_back_when_dropped() {
-        let mut ring = Ring::new(8, 8, 16, 4096, 16).unwrap();
-        let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
-        let (buf, _a, _b) = receive(&mut ring, &data);
-        let bid = buf.bid;
-        let chunk = ring.lend(buf).expect("a full buffer is lent");
-        assert_eq!(chunk.bytes(), &data[..]);
-        assert_eq!(ring.lent, 1);
-        drop(chunk);
-        assert_eq!(*ring.returned.borrow(), vec![bid], "queued for the kernel");
-        ring.reclaim();
-        assert_eq!(ring.lent, 0);
-        assert!(ring.returned.borrow().is_empty());
-    }
-
-    #[test]
-    fn short_receives_are_copied_and_lending_stops_at_half_the_pool() {
-        // Two buffers provided: at most one may be lent.
-        let mut ring = Ring::new(8, 8, 16, 4096, 2).unwrap();
-        let (short, _a, _b) = receive(&mut ring, b"hello");
-        let short = ring.lend(short).expect_err("short: copied instead");
-        ring.recycle(short);
-        let (first, _c, _d) = receive(&mut ring, &[1; 4096]);
-        let first = ring.lend(first).expect("the first is lent");
-        let (second, _e, _f) = receive(&mut ring, &[2; 4096]);
-        let second = ring.lend(second).expect_err("half the pool is lent");
-        assert_eq!(ring.bytes(&second), &[2; 4096][..]);
-        ring.recycle(second);
-        drop(first);
     }
 }
