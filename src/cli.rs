@@ -8,7 +8,7 @@
 //! other programs can drive it without a command line.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -149,6 +149,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics from the same loop.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Set by the supervisor: write a `snapshot {json}` line on stdout every MS.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub snapshot_every_ms: Option<NonZeroU64>,
 }
 
 /// `reactor top`.
@@ -334,6 +337,9 @@ impl ServeArgs {
             },
             workers: self.workers.get(),
             worker: self.worker_index,
+            snapshot_every: self
+                .snapshot_every_ms
+                .map(|ms| Duration::from_millis(ms.get())),
         }
     }
 }

@@ -13,6 +13,7 @@ use common::{
     connect, echo_roundtrip, eventually, http, pattern, scrape, start_with_metrics,
     start_with_metrics_lines,
 };
+use reactor::metrics::exposition::Exposition;
 
 /// Every series INTERFACE.md names, as the sample names that must appear.
 const REQUIRED: &[&str] = &[
@@ -243,21 +244,187 @@ fn metrics_with_the_threads_engine_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
 }
 
-#[test]
-fn metrics_with_several_workers_is_refused_for_now() {
-    let out = common::run_bounded(
-        &[
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        b"",
-        common::TIMEOUT,
+/// Every sample without a `worker` label equals the sum of the samples
+/// with the same name and other labels over `workers` workers, and each
+/// of those has exactly one sample per worker `0..workers`.
+fn sums_equal_the_workers(e: &Exposition, workers: usize) {
+    use std::collections::BTreeMap;
+    /// A sample's name and its labels other than `worker`, sorted.
+    type Series = (String, Vec<(String, String)>);
+    let mut sums: BTreeMap<Series, f64> = BTreeMap::new();
+    let mut parts: BTreeMap<Series, (f64, Vec<usize>)> = BTreeMap::new();
+    for f in &e.families {
+        for s in &f.samples {
+            let mut rest: Vec<(String, String)> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| k != "worker")
+                .cloned()
+                .collect();
+            rest.sort();
+            let key = (s.name.clone(), rest);
+            match s.label("worker") {
+                None => assert!(sums.insert(key, s.value).is_none()),
+                Some(w) => {
+                    let p = parts.entry(key).or_default();
+                    p.0 += s.value;
+                    p.1.push(w.parse().expect("a worker number"));
+                }
+            }
+        }
+    }
+    assert!(sums.len() >= 30, "{} unlabelled samples", sums.len());
+    assert_eq!(
+        sums.keys().collect::<Vec<_>>(),
+        parts.keys().collect::<Vec<_>>(),
+        "every sum has its workers' series and nothing else"
     );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics"));
+    for (key, sum) in &sums {
+        let (total, mut ids) = parts[key].clone();
+        ids.sort();
+        assert_eq!(ids, (0..workers).collect::<Vec<_>>(), "{key:?}");
+        // Integers in f64 (busy seconds are nanoseconds / 1e9): exact
+        // enough for a relative check.
+        assert!(
+            (sum - total).abs() <= 1e-9 * sum.abs().max(1.0),
+            "{key:?}: sum {sum}, workers add to {total}"
+        );
+    }
+}
+
+/// `serve --workers N --metrics`: one endpoint, the sums and each
+/// worker's series, counting real traffic spread over the workers.
+fn workers_share_one_endpoint(workers: usize) {
+    let n = workers.to_string();
+    let (server, metrics) = start_with_metrics(&["--workers", &n]);
+    let before = scrape(metrics);
+    for name in REQUIRED {
+        assert!(before.samples(name).next().is_some(), "no {name}");
+    }
+    sums_equal_the_workers(&before, workers);
+    let clients: Vec<_> = (0..30).map(|_| connect(server.addr)).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let data = Arc::new(pattern(i as u64, 1000));
+        assert_eq!(echo_roundtrip(c, data.clone()), *data);
+    }
+    // Workers send their numbers a few times a second.
+    let mut last = before;
+    eventually(
+        "all 30 connections are counted, over several workers",
+        || {
+            last = scrape(metrics);
+            let busy = (0..workers)
+                .filter(|w| {
+                    let w = w.to_string();
+                    last.value("reactor_connections_active", &[("worker", &w)]) > Some(0.0)
+                })
+                .count();
+            last.value("reactor_connections_active", &[]) == Some(30.0) && busy >= 2
+        },
+    );
+    sums_equal_the_workers(&last, workers);
+    assert_eq!(
+        last.value("reactor_connections_accepted_total", &[]),
+        Some(30.0)
+    );
+    assert!(last.value("reactor_bytes_received_total", &[]) >= Some(30_000.0));
+    drop(clients);
+    eventually("the 30 closes are counted", || {
+        last = scrape(metrics);
+        last.value("reactor_connections_closed_total", &[("reason", "done")]) == Some(30.0)
+    });
+    sums_equal_the_workers(&last, workers);
+}
+
+#[test]
+fn two_workers_share_one_endpoint_with_sums_and_worker_labels() {
+    workers_share_one_endpoint(2);
+}
+
+#[test]
+fn three_workers_share_one_endpoint_with_sums_and_worker_labels() {
+    workers_share_one_endpoint(3);
+}
+
+#[test]
+fn a_replaced_workers_counters_go_on_and_its_clients_count_as_closed() {
+    let (server, metrics) = start_with_metrics(&["--workers", "2"]);
+    let clients: Vec<_> = (0..20).map(|_| connect(server.addr)).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let data = Arc::new(pattern(i as u64, 100));
+        assert_eq!(echo_roundtrip(c, data.clone()), *data);
+    }
+    let accepted = |e: &Exposition, w: &str| {
+        e.value("reactor_connections_accepted_total", &[("worker", w)])
+            .unwrap()
+    };
+    let mut e = scrape(metrics);
+    eventually("all 20 counted", || {
+        e = scrape(metrics);
+        e.value("reactor_connections_active", &[]) == Some(20.0)
+    });
+    // The worker that holds the most clients dies.
+    let victim = if accepted(&e, "1") >= accepted(&e, "0") {
+        1
+    } else {
+        0
+    };
+    let held = accepted(&e, &victim.to_string());
+    assert!(held > 0.0);
+    let text = server.stderr_text();
+    let tag = format!("worker-{victim} started (pid ");
+    let pid = text
+        .lines()
+        .find_map(|l| Some(l.split_once(&tag)?.1.trim_end_matches(')').to_string()))
+        .unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    server.wait_for_log(&format!("worker-{victim} (pid {pid}) exited unexpectedly"));
+    let w = victim.to_string();
+    eventually("its clients count as closed by worker_exited", || {
+        e = scrape(metrics);
+        e.value(
+            "reactor_connections_closed_total",
+            &[("worker", &w), ("reason", "worker_exited")],
+        ) == Some(held)
+    });
+    sums_equal_the_workers(&e, 2);
+    assert_eq!(accepted(&e, &w), held, "its count goes on, not back to 0");
+    assert_eq!(
+        e.value("reactor_connections_active", &[("worker", &w)]),
+        Some(0.0)
+    );
+    assert_eq!(
+        e.value("reactor_connections_active", &[]),
+        Some(20.0 - held)
+    );
+    // New clients: the replacement's count adds to its predecessor's.
+    drop(clients);
+    let fresh: Vec<_> = (0..20).map(|_| connect(server.addr)).collect();
+    for (i, c) in fresh.iter().enumerate() {
+        let data = Arc::new(pattern(i as u64, 100));
+        assert_eq!(echo_roundtrip(c, data.clone()), *data);
+    }
+    eventually("40 accepted in all", || {
+        e = scrape(metrics);
+        e.value("reactor_connections_accepted_total", &[]) == Some(40.0)
+    });
+    assert!(accepted(&e, &w) >= held);
+    sums_equal_the_workers(&e, 2);
+}
+
+#[test]
+fn workers_with_metrics_print_the_metrics_line_last_and_exit_0() {
+    let (mut server, metrics, lines) =
+        start_with_metrics_lines(&["--workers", "2", "--udp", "127.0.0.1:0"]);
+    assert_eq!(lines.len(), 1, "udp, then metrics: {lines:?}");
+    assert!(lines[0].starts_with("listening on udp "), "{lines:?}");
+    scrape(metrics);
+    server.terminate();
+    assert!(server.wait().success(), "{}", server.stderr_text());
+    // The endpoint closed with the listeners.
+    assert!(std::net::TcpStream::connect(metrics).is_err());
 }

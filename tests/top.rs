@@ -143,3 +143,40 @@ fn top_once_prints_one_screen_as_text() {
     assert!(text.contains("1 open"), "{text}");
     assert!(text.contains("events per wake-up"), "{text}");
 }
+
+#[test]
+fn top_shows_one_row_per_worker_adding_up_to_the_total() {
+    let (server, metrics) = start_with_metrics(&["--workers", "3"]);
+    let Some(tmux) = Tmux::start(&top_command(metrics)) else {
+        return;
+    };
+    tmux.wait_for("0 open");
+    let held: Vec<_> = (0..12).map(|_| connect(server.addr)).collect();
+    // One row per worker, `│I  conns ...`; their connections add up.
+    let rows = |screen: &str| -> Vec<(String, u64)> {
+        screen
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.strip_prefix('│')?.split_whitespace();
+                let worker = cells.next()?;
+                worker.parse::<usize>().ok()?;
+                Some((worker.to_string(), cells.next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    let mut last = String::new();
+    eventually("one row per worker, adding up to 12", || {
+        last = tmux.screen();
+        let r = rows(&last);
+        last.contains("12 open")
+            && r.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>() == ["0", "1", "2"]
+            && r.iter().map(|(_, n)| n).sum::<u64>() == 12
+    });
+    assert!(
+        rows(&last).iter().filter(|(_, n)| *n > 0).count() >= 2,
+        "spread over workers:\n{last}"
+    );
+    drop(held);
+    tmux.run(&["send-keys", "-t", "top", "q"]);
+    eventually("top exits on q", || !tmux.alive());
+}

@@ -25,6 +25,7 @@ pub(crate) mod listen;
 pub(crate) mod memory;
 pub mod stats;
 pub mod supervisor;
+mod supervisor_metrics;
 pub(crate) mod threads;
 pub(crate) mod timer;
 pub(crate) mod token;
@@ -153,6 +154,10 @@ pub struct Config {
     pub worker: Option<usize>,
     /// Serve Prometheus metrics here (`--metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Set in a worker of a supervisor that serves `--metrics`: write the
+    /// loop's [`crate::metrics::Snapshot`] on stdout this often, as one
+    /// `snapshot {json}` line (see [`supervisor`], "Metrics").
+    pub snapshot_every: Option<Duration>,
 }
 
 impl Default for Config {
@@ -172,6 +177,7 @@ impl Default for Config {
             workers: 1,
             worker: None,
             metrics: None,
+            snapshot_every: None,
         }
     }
 }
@@ -395,23 +401,17 @@ fn max_connections(config: &Config) -> usize {
 /// Binds the listeners `config` asks for, prints one `listening on` line
 /// per listener on stdout, and serves until SIGINT or SIGTERM.
 pub fn serve(config: Config) -> Result<(), ServeError> {
+    if config.metrics.is_some() && config.engine == Engine::Threads {
+        return Err(ServeError::Usage(
+            "--metrics is served by the event loop; it cannot be used with --engine threads".into(),
+        ));
+    }
     if config.workers > 1 && config.engine == Engine::Uring {
         return Err(ServeError::Usage(
             "--workers is not served by --engine uring yet; use --engine reactor".into(),
         ));
     }
     if config.workers > 1 && config.worker.is_none() {
-        if config.metrics.is_some() {
-            // Each worker could serve its own snapshot, but the interface
-            // promises one endpoint with the sums; until the supervisor
-            // collects snapshots (docs/observe.md, "With workers"), say so
-            // rather than serve nothing.
-            return Err(ServeError::Usage(
-                "--metrics with --workers above 1 is not supported yet \
-                 (one endpoint summing the workers is not built)"
-                    .into(),
-            ));
-        }
         return supervisor::run(config);
     }
     if config.worker.is_none() {
@@ -429,12 +429,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
         Engine::Threads => {
             check(&config)?;
-            if config.metrics.is_some() {
-                return Err(ServeError::Usage(
-                    "--metrics is served by the event loop; it cannot be used with --engine threads"
-                        .into(),
-                ));
-            }
             let listeners = listen::Listeners::bind(&config)?;
             let max_connections = max_connections(&config);
             let lines = listening_lines(&config, &listeners).map_err(ServeError::Io)?;

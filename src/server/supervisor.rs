@@ -35,6 +35,10 @@
 //!   kernel closes the pipes and the workers follow. No signal is ever sent
 //!   to another process, so no `unsafe` `kill(2)` is needed.
 //!
+//! With `--metrics`, a worker's stdout also carries a `snapshot {json}`
+//! line every few hundred milliseconds, and the supervisor serves one
+//! endpoint for all of them (`supervisor_metrics.rs`).
+//!
 //! A worker that exits while no shutdown was asked for is logged at `warn`
 //! and started again (after a second if it lived less than one, so a
 //! worker that cannot start does not spin); the other workers and their
@@ -50,7 +54,9 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::stats::Stats;
+use super::supervisor_metrics::{WorkerMetrics, SNAPSHOT_EVERY};
 use super::{listen, Config, Engine, Mode, ServeError};
+use crate::metrics::Snapshot;
 
 /// A worker that lived less than this is restarted only after this long.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -59,6 +65,12 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 enum Event {
     /// A line on a worker's stdout.
     Stdout { slot: usize, gen: u64, line: String },
+    /// A `snapshot {json}` line on a worker's stdout (`--metrics`).
+    Snapshot {
+        slot: usize,
+        gen: u64,
+        snapshot: Box<Snapshot>,
+    },
     /// A stats line on a worker's stderr.
     /// (Boxed: `Stats` carries the loop's histogram and is the largest.)
     Stats {
@@ -169,6 +181,15 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         }
         None => None,
     };
+    // The supervisor serves the one endpoint; workers get no --metrics.
+    let metrics = match config.metrics {
+        Some(a) => {
+            let listener = listen::bind_tcp(a, false)
+                .map_err(|e| ServeError::Bind(format!("cannot listen on metrics {a}: {e}")))?;
+            Some(WorkerMetrics::start(listener, config.workers).map_err(ServeError::Io)?)
+        }
+        None => None,
+    };
     let worker = Config {
         addr,
         udp,
@@ -192,6 +213,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         tx,
         slots: Vec::new(),
         retired: Stats::default(),
+        metrics,
         expected_lines: 1 + usize::from(udp.is_some()),
         announced: false,
         stopping: false,
@@ -273,6 +295,8 @@ struct Supervisor {
     slots: Vec<Slot>,
     /// Counters of workers that died and were replaced.
     retired: Stats,
+    /// With `--metrics`: every worker's latest snapshot, and the endpoint.
+    metrics: Option<WorkerMetrics>,
     /// `listening on` lines each worker prints.
     expected_lines: usize,
     announced: bool,
@@ -314,6 +338,9 @@ impl Supervisor {
         };
         flag("engine", engine.into());
         flag("worker-index", i.to_string());
+        if c.metrics.is_some() {
+            flag("snapshot-every-ms", SNAPSHOT_EVERY.as_millis().to_string());
+        }
         a
     }
 
@@ -341,7 +368,21 @@ impl Supervisor {
         // The stdout thread owns the child: at end-of-file it reaps it.
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(Event::Stdout { slot: i, gen, line });
+                let event = match line.strip_prefix("snapshot ") {
+                    Some(json) => match Snapshot::from_json_line(json) {
+                        Ok(s) => Event::Snapshot {
+                            slot: i,
+                            gen,
+                            snapshot: Box::new(s),
+                        },
+                        Err(e) => {
+                            log::warn!("worker-{i} sent a bad snapshot line: {e}");
+                            continue;
+                        }
+                    },
+                    None => Event::Stdout { slot: i, gen, line },
+                };
+                let _ = tx.send(event);
             }
             let status = child.wait();
             let _ = tx.send(Event::Exited {
@@ -379,21 +420,20 @@ impl Supervisor {
             }
             Event::Stdout { slot, gen, line } if self.slots[slot].gen == gen => {
                 self.slots[slot].lines.push(line);
-                let all = self
-                    .slots
-                    .iter()
-                    .all(|s| s.lines.len() >= self.expected_lines);
-                if !self.announced && !self.stopping && all {
-                    self.announced = true;
-                    let lines = self.slots[0].lines.clone();
-                    if let Err(e) = print_lines(&lines) {
-                        log::error!("cannot print the listening lines: {e}");
-                    }
-                    log::info!("{} workers listening", self.slots.len());
-                }
+                self.announce_if_ready();
             }
             Event::Stats { slot, gen, stats } if self.slots[slot].gen == gen => {
                 self.slots[slot].stats = *stats
+            }
+            Event::Snapshot {
+                slot,
+                gen,
+                snapshot,
+            } if self.slots[slot].gen == gen => {
+                if let Some(m) = &mut self.metrics {
+                    m.update(slot, *snapshot);
+                }
+                self.announce_if_ready();
             }
             Event::Exited { slot, gen, status } if self.slots[slot].gen == gen => {
                 self.exited(slot, status)
@@ -402,7 +442,34 @@ impl Supervisor {
         }
     }
 
+    /// Prints the `listening on` lines once every worker listens (and,
+    /// with `--metrics`, has sent its first snapshot, so that the first
+    /// scrape already shows every series of every worker).
+    fn announce_if_ready(&mut self) {
+        let listening = self
+            .slots
+            .iter()
+            .all(|s| s.lines.len() >= self.expected_lines);
+        let reported = self.metrics.as_ref().map_or(true, |m| m.all_reported());
+        if self.announced || self.stopping || !listening || !reported {
+            return;
+        }
+        self.announced = true;
+        let mut lines = self.slots[0].lines.clone();
+        if let Some(m) = &self.metrics {
+            lines.push(format!("listening on metrics {}", m.addr()));
+        }
+        if let Err(e) = print_lines(&lines) {
+            log::error!("cannot print the listening lines: {e}");
+        }
+        log::info!("{} workers listening", self.slots.len());
+    }
+
     fn exited(&mut self, i: usize, status: io::Result<ExitStatus>) {
+        if let Some(m) = &mut self.metrics {
+            // Its counters go on in its slot (supervisor_metrics.rs).
+            m.exited(i);
+        }
         let slot = &mut self.slots[i];
         slot.running = false;
         slot.stdin = None;
@@ -445,6 +512,9 @@ impl Supervisor {
     /// Asks every worker to shut down gracefully: closes their stdin.
     fn stop(&mut self) {
         self.stopping = true;
+        if let Some(m) = &mut self.metrics {
+            m.stop();
+        }
         for slot in &mut self.slots {
             slot.stdin = None;
             slot.restart_at = None;

@@ -168,6 +168,9 @@ pub(crate) struct EventLoop<P: Protocol> {
     metrics: Option<Endpoint>,
     /// The loop time (ms) the endpoint was last served at.
     metrics_served: u64,
+    /// In a worker whose supervisor serves `--metrics`: when (ms) to write
+    /// the next `snapshot` line on stdout (see `metrics.rs`).
+    next_snapshot: Option<u64>,
     signals: Signals,
     stop: StopHandle,
     conns: Slab<Connection<P::Session>>,
@@ -271,6 +274,9 @@ impl<P: Protocol> EventLoop<P> {
             udp,
             metrics,
             metrics_served: 0,
+            // The first one right away, so a scrape soon after the start
+            // already sees every worker.
+            next_snapshot: config.snapshot_every.map(|_| 0),
             signals,
             stop,
             conns: Slab::new(),

@@ -27,6 +27,7 @@ impl<P: Protocol> EventLoop<P> {
             accept_retry,
             self.shutdown_deadline,
             self.metrics.as_ref().and_then(|m| m.next_deadline()),
+            self.next_snapshot,
         ]
         .into_iter()
         .flatten()
@@ -53,6 +54,7 @@ impl<P: Protocol> EventLoop<P> {
             }
         }
         self.serve_metrics_if_due();
+        self.send_snapshot_if_due();
         // Entries of closed connections are skipped when due; tidy them
         // away before they pile up (a closed connection costs nothing).
         let conns = &self.conns;
