@@ -21,6 +21,8 @@ order, so both sides meet the same machine:
             CONNS connections busy: curl time_total of SAMPLES scrapes,
             curl run SCHED_FIFO (chrt) so that its own wait for a CPU on
             a machine whose two cores are both busy is not counted.
+  latency-pairs  `latency` for BASE and REACTOR, alternating, PAIRS times
+            (before/after a change to how soon the loop serves a scrape).
   percost   what one scrape costs the server: its CPU time over 5,000
             back-to-back scrapes while 1,000 idle clients are held.
 
@@ -147,8 +149,9 @@ def pairs(name, a, side_a, side_b):
             "cpu_median": statistics.median(cpu_ratios)}
 
 
-def latency(a):
-    p, addr, maddr = start(a.reactor, True)
+def latency(a, binary=None):
+    binary = binary or a.reactor
+    p, addr, maddr = start(binary, True)
     try:
         lp = subprocess.Popen(
             ["taskset", "-c", "1", a.reactor, "load", addr, "-c", str(a.lat_conns), "-d",
@@ -177,7 +180,8 @@ def latency(a):
         out, _ = lp.communicate(timeout=600)
         r = json.loads(out)
         times.sort()
-        res = {"connections": a.lat_conns, "load_msgs_per_sec": r["msgs_per_sec"],
+        res = {"binary": binary, "uptime_load": os.getloadavg(),
+               "connections": a.lat_conns, "load_msgs_per_sec": r["msgs_per_sec"],
                "load_ok": r["ok"], "scrape_ms_p50": statistics.median(times),
                "scrape_ms_p90": times[int(len(times) * 0.9)], "scrape_ms_max": times[-1],
                "samples": len(times),
@@ -236,7 +240,8 @@ def main():
     ap.add_argument("--lat-pipeline", type=int, default=16)
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--out")
-    ap.add_argument("parts", nargs="+", choices=["counters", "endpoint", "scrape", "scrape-naive", "latency", "percost"])
+    ap.add_argument("parts", nargs="+", choices=["counters", "endpoint", "scrape", "scrape-naive", "latency",
+                             "latency-pairs", "percost"])
     a = ap.parse_args()
     results = {"uptime_load_start": os.getloadavg()}
     if "counters" in a.parts:
@@ -264,6 +269,13 @@ def main():
         results["percost"] = percost(a)
     if "latency" in a.parts:
         results["latency"] = latency(a)
+    if "latency-pairs" in a.parts:
+        runs = []
+        for i in range(a.pairs):
+            order = [a.base, a.reactor] if i % 2 == 0 else [a.reactor, a.base]
+            for b in order:
+                runs.append(latency(a, b))
+        results["latency_pairs"] = runs
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -9,8 +9,14 @@
 //! 1,024 per wake-up: tens of milliseconds). Instead the loop also looks
 //! at the endpoint's own `Poll` once per millisecond of loop time
 //! ([`EventLoop::serve_metrics_if_due`]): one `epoll_wait` with a zero
-//! timeout at most 1,000 times a second, and a scrape waits at most for
-//! the batch in hand.
+//! timeout at most 1,000 times a second. Not only between turns: one turn
+//! under load is up to 1,024 events plus the ready list, over 10 ms at
+//! 19,000 busy connections, so the loop also reads the clock every
+//! `METRICS_CHECK_EVERY` (64) events of a turn
+//! ([`EventLoop::serve_metrics_mid_turn`]). A scrape then waits for about
+//! a millisecond and 64 events, not for the rest of the turn. Fairness
+//! among clients is unchanged: they are served in the same order, and the
+//! endpoint's own work is bounded (16 clients, 32 system calls each).
 //!
 //! In a worker of `reactor serve --workers N --metrics ...` there is no
 //! endpoint here: the supervisor serves one for all workers, and this
@@ -42,6 +48,18 @@ impl<P: Protocol> EventLoop<P> {
         endpoint.serve(self.now, &mut || render(&[(0, self.snapshot())]));
         endpoint.expire(self.now);
         self.metrics = Some(endpoint);
+    }
+
+    /// In the middle of a turn (see the module docs): reads the clock
+    /// and serves the endpoint if it was not served this millisecond.
+    /// Without `--metrics`, nothing but one branch.
+    pub(super) fn serve_metrics_mid_turn(&mut self) {
+        if self.metrics.is_some() {
+            // The loop's clock only moves forward: deadlines set later in
+            // this turn are a little more exact, none is missed.
+            self.now = self.started.elapsed().as_millis() as u64;
+            self.serve_metrics_if_due();
+        }
     }
 
     /// Serves the endpoint if it was not served during this millisecond

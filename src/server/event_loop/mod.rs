@@ -75,6 +75,11 @@ mod timers;
 const ACCEPT_BUDGET: usize = 256;
 /// Events fetched per `poll` call.
 const EVENTS: usize = 1024;
+/// With `--metrics`, the loop looks at the clock after this many events
+/// (or ready-list entries) of a turn, and serves the endpoint if it was
+/// not served this millisecond: a turn of 1,024 busy sockets can take
+/// over 10 ms, and a scrape should not wait for all of it (`metrics.rs`).
+const METRICS_CHECK_EVERY: usize = 64;
 /// After `EMFILE` (or another shortage), try accepting again at the
 /// latest this much later.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
@@ -200,7 +205,8 @@ pub(crate) struct EventLoop<P: Protocol> {
     /// when an accept finds the backlog empty.
     emfile_logged: bool,
     started: Instant,
-    /// Milliseconds since `started`, read once per wake-up.
+    /// Milliseconds since `started`, read once per wake-up (and, with
+    /// `--metrics`, every [`METRICS_CHECK_EVERY`] events of a long turn).
     now: u64,
     next_generation: u32,
     next_stats: Option<u64>,
@@ -346,9 +352,15 @@ impl<P: Protocol> EventLoop<P> {
                     if event.is_error() { " error" } else { "" },
                 );
                 self.dispatch(event.token(), Readiness::of(event));
+                if n_events % METRICS_CHECK_EVERY == 0 {
+                    self.serve_metrics_mid_turn();
+                }
             }
-            for &token in &turn {
+            for (i, &token) in turn.iter().enumerate() {
                 self.serve_again(token);
+                if (i + 1) % METRICS_CHECK_EVERY == 0 {
+                    self.serve_metrics_mid_turn();
+                }
             }
             self.ready.end_turn(turn);
             self.expire();
