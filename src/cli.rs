@@ -269,6 +269,10 @@ pub struct LoadArgs {
     /// Set by a parent load process: run as its child I.
     #[arg(long, value_name = "I", hide = true, requires = "processes")]
     pub process_index: Option<u32>,
+    /// Set by a parent load process: when its run began (µs since the
+    /// Unix epoch); the child's intervals count from there.
+    #[arg(long, value_name = "US", hide = true, requires = "process_index")]
+    pub run_started_us: Option<u64>,
 }
 
 /// `reactor load` subcommands.
@@ -453,15 +457,16 @@ impl LoadArgs {
             find_max_rate: self.find_max_rate,
             processes: self.processes,
             process_index: self.process_index,
+            run_started_us: self.run_started_us,
             argv: self.child_args(),
         })
     }
 
     /// The flags that repeat this run in a child load process: every flag
     /// but `--processes`, `--process-index` and `--json`, which the parent
-    /// sets itself, and `--interval`, `--hdr-log` and `--find-max-rate`,
-    /// which are the parent's alone (children report once a quarter second
-    /// to it instead).
+    /// sets itself, and `--hdr-log` and `--find-max-rate`, which are the
+    /// parent's alone. Children get `--interval` but do not print: they
+    /// send each interval to the parent, which merges and prints them.
     fn child_args(&self) -> Vec<String> {
         let mut a = vec![self.addr.to_string()];
         let mut flag = |k: &str, v: String| {
@@ -478,7 +483,7 @@ impl LoadArgs {
         flag("connect-rate", self.connect_rate.to_string());
         flag("threads", self.threads.to_string());
         flag("timeout", self.timeout.to_string());
-        flag("interval", "0".into());
+        flag("interval", self.interval.to_string());
         if !self.source_ip.is_empty() {
             let ips: Vec<String> = self.source_ip.iter().map(|ip| ip.to_string()).collect();
             flag("source-ip", ips.join(","));

@@ -156,3 +156,57 @@ fn a_child_load_process_holds_until_its_parent_says_go() {
     assert_eq!(result["survived"], 10);
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn several_processes_report_one_merged_row_per_interval() {
+    let server = Server::start(&["--log-level", "warn"]);
+    let script = "ulimit -n 256; exec \"$0\" load \"$@\"";
+    let addr = server.addr.to_string();
+    let mut all = vec!["-c", script, bin()];
+    all.extend_from_slice(&[
+        addr.as_str(),
+        "-c",
+        "1000",
+        "-d",
+        "1.5",
+        "--warmup",
+        "0.5",
+        "--interval",
+        "0.5",
+        "--json",
+    ]);
+    let out = run_program_bounded("sh", &all, b"", LOAD_LIMIT);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let v: Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}\n{stderr}"));
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert!(v["processes"].as_u64().unwrap() >= 4, "{v}");
+    let rows = v["intervals"].as_array().unwrap();
+    // 2 s in 0.5 s intervals and the short last one; a process stalled
+    // past a boundary skips it, so a busy machine may show fewer.
+    assert!(
+        (3..=7).contains(&rows.len()),
+        "{} intervals: {v}",
+        rows.len()
+    );
+    let t: Vec<f64> = rows.iter().map(|r| r["t"].as_f64().unwrap()).collect();
+    assert!(t.windows(2).all(|w| w[0] < w[1]), "{t:?}");
+    assert!(t[0] >= 0.45 && *t.last().unwrap() >= 1.95, "{t:?}");
+    // Each row adds every process's interval: all 1,000 connections are
+    // open in it (once opened), and every message of the run is in some
+    // row, so the rows hold at least the measured messages of all of
+    // them together.
+    for r in &rows[1..] {
+        assert_eq!(r["connections_open"], 1000, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["msgs_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["latency_us"]["p99"].as_f64() >= r["latency_us"]["p50"].as_f64());
+    }
+    let total: u64 = rows.iter().map(|r| r["messages"].as_u64().unwrap()).sum();
+    let measured = v["messages"].as_u64().unwrap();
+    assert!(measured > 0 && total >= measured, "{total} vs {measured}");
+    // One progress line per row, printed by the parent alone.
+    let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
+    assert_eq!(lines, rows.len(), "{stderr}");
+}

@@ -8,6 +8,14 @@
 //! main thread adds up interval `i` from every loop (histograms with
 //! `add`, so the percentiles are exact) and prints it once all loops have
 //! reported it, or once the loops still running have.
+//!
+//! Load processes (`processes.rs`) do the same one level up: each child
+//! merges its own loops' intervals and, instead of printing them, sends
+//! each one to the parent as one JSON line ([`Interval::to_json`],
+//! histograms serialized exactly). Every child counts its intervals from
+//! the parent's start, so interval `i` covers the same time in every
+//! process, and the parent's [`Collector`] merges them by index as it
+//! merges loops: one row per interval, `t` from the run's start.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,11 +28,16 @@ use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
+use super::merge::{decode_histogram, encode_histogram};
 use super::report::{histogram, percentiles, quantile_us};
 
 /// Where a loop sends its intervals: its loop number, the interval, and
 /// whether it is the loop's last.
 pub type ToCollector = std::sync::mpsc::Sender<(usize, Interval, bool)>;
+
+/// Where a child load process sends its merged intervals (see
+/// [`Collector::forwarding`]).
+pub type Forward = Box<dyn FnMut(&Interval)>;
 
 /// What one loop counted in one interval.
 #[derive(Debug)]
@@ -61,6 +74,41 @@ impl Interval {
             opened: 0,
             errors: 0,
         }
+    }
+
+    /// The interval as JSON, histograms exact (a child load process sends
+    /// it to its parent).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "index": self.index,
+            "end_us": self.end.as_micros() as u64,
+            "messages": self.messages,
+            "latency": encode_histogram(&self.latency),
+            "uncorrected": encode_histogram(&self.uncorrected),
+            "open": self.open,
+            "opened": self.opened,
+            "errors": self.errors,
+        })
+    }
+
+    /// The inverse of [`Interval::to_json`].
+    pub fn from_json(v: &Value) -> Result<Interval, String> {
+        let n = |k: &str| v[k].as_u64().ok_or_else(|| format!("interval: no {k}"));
+        let h = |k: &str| {
+            v[k].as_str()
+                .ok_or_else(|| format!("interval: no {k}"))
+                .and_then(decode_histogram)
+        };
+        Ok(Interval {
+            index: u32::try_from(n("index")?).map_err(|e| format!("interval index: {e}"))?,
+            end: Duration::from_micros(n("end_us")?),
+            messages: n("messages")?,
+            latency: h("latency")?,
+            uncorrected: h("uncorrected")?,
+            open: n("open")?,
+            opened: n("opened")?,
+            errors: n("errors")?,
+        })
     }
 
     /// Adds another loop's count of the same interval to this one.
@@ -171,6 +219,9 @@ pub struct Collector {
     hdr_log: Option<HdrLog>,
     /// Where the lines go (stderr, or above the progress bar).
     print: Box<dyn FnMut(String)>,
+    /// In a child load process: where merged intervals go instead of
+    /// being printed (to the parent).
+    forward: Option<Forward>,
 }
 
 impl Collector {
@@ -190,7 +241,22 @@ impl Collector {
             open_loop,
             hdr_log,
             print,
+            forward: None,
         }
+    }
+
+    /// Sends each merged interval to `forward` instead of printing it or
+    /// keeping a row (a child load process: its parent shows them).
+    pub fn forwarding(mut self, forward: Forward) -> Collector {
+        self.forward = Some(forward);
+        self
+    }
+
+    /// Loop (or load process) `from` has finished without saying so with
+    /// its last interval: nothing more is waited for from it.
+    pub fn finished(&mut self, from: usize) {
+        self.loops[from].1 = true;
+        self.flush(false);
     }
 
     /// Takes loop `from`'s interval; `last` when that loop has finished.
@@ -224,6 +290,10 @@ impl Collector {
     }
 
     fn show(&mut self, iv: Interval) {
+        if let Some(forward) = &mut self.forward {
+            forward(&iv);
+            return;
+        }
         let start = self.every * iv.index;
         let secs = iv.end.saturating_sub(start).as_secs_f64().max(1e-9);
         let rate = iv.messages as f64 / secs;
@@ -402,6 +472,50 @@ mod tests {
         let p50 = rows[0].latency_us["p50"].as_f64().unwrap();
         assert!((299.0..=301.0).contains(&p50), "{p50}");
         assert_eq!(rows[1].messages, 10);
+    }
+
+    #[test]
+    fn an_interval_survives_json_exactly() {
+        let mut iv = interval(3, 1000, 250);
+        iv.opened = 7;
+        iv.errors = 2;
+        crate::client::load::report::record_n(&mut iv.uncorrected, Duration::from_micros(90), 5);
+        let back = Interval::from_json(&iv.to_json()).unwrap();
+        assert_eq!(back.index, 3);
+        assert_eq!(back.end, iv.end);
+        assert_eq!(
+            (back.messages, back.open, back.opened, back.errors),
+            (1000, 1, 7, 2)
+        );
+        assert_eq!(back.latency, iv.latency);
+        assert_eq!(back.uncorrected, iv.uncorrected);
+        assert!(Interval::from_json(&json!({"index": 1})).is_err());
+    }
+
+    #[test]
+    fn a_process_that_finished_is_not_waited_for() {
+        let (mut c, lines) = collector(2);
+        c.add(0, interval(0, 5, 100), false);
+        c.add(0, interval(1, 5, 100), false);
+        assert!(lines.borrow().is_empty());
+        c.finished(1);
+        assert_eq!(lines.borrow().len(), 2);
+    }
+
+    #[test]
+    fn a_forwarding_collector_sends_merged_intervals_and_prints_nothing() {
+        let (c, lines) = collector(2);
+        let sent = Rc::new(RefCell::new(Vec::new()));
+        let sink = sent.clone();
+        let mut c = c.forwarding(Box::new(move |iv: &Interval| {
+            sink.borrow_mut().push((iv.index, iv.messages))
+        }));
+        c.add(0, interval(0, 5, 100), false);
+        c.add(1, interval(0, 7, 100), true);
+        c.add(0, interval(1, 1, 100), true);
+        assert!(c.finish().is_empty());
+        assert!(lines.borrow().is_empty());
+        assert_eq!(*sent.borrow(), [(0, 12), (1, 1)]);
     }
 
     #[test]

@@ -157,6 +157,9 @@ pub struct Options {
     pub processes: Option<u32>,
     /// Set in a child load process: its index among `processes`.
     pub process_index: Option<u32>,
+    /// Set in a child load process: when the parent's run began, in µs
+    /// since the Unix epoch (its intervals count from there).
+    pub run_started_us: Option<u64>,
     /// The flags that repeat this run, for child processes (without
     /// `--processes` or `--json`).
     pub argv: Vec<String>,
@@ -236,7 +239,7 @@ pub fn run_loops(
     hdr_log: Option<&Path>,
 ) -> Result<Outcome, String> {
     let progress = Arc::new(Progress::default());
-    run_share(plan, threads, udp, hdr_log, progress, (0, 1))
+    run_share(plan, threads, udp, hdr_log, progress, (0, 1), None)
 }
 
 /// The ids of process `index` of `count`: every `count`-th, from `index`.
@@ -246,7 +249,8 @@ pub fn process_ids(connections: u32, (index, count): (u32, u32)) -> impl Iterato
 
 /// [`run_loops`] for process `process.0` of `process.1` (see
 /// [`processes`]): its share is every `process.1`-th connection id from
-/// `process.0`, dealt round-robin among its loops.
+/// `process.0`, dealt round-robin among its loops. With `forward` (a
+/// child load process), merged intervals go there instead of to stderr.
 pub fn run_share(
     plan: Arc<Plan>,
     threads: u32,
@@ -254,6 +258,7 @@ pub fn run_share(
     hdr_log: Option<&Path>,
     progress: Arc<Progress>,
     process: (u32, u32),
+    forward: Option<interval::Forward>,
 ) -> Result<Outcome, String> {
     let connections = plan.connections;
     if plan.workload == Workload::Chat {
@@ -266,7 +271,8 @@ pub fn run_share(
                 Ok(chat::ChatLoop::new(p, q, Some((to_collector, 0)))?.run())
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;
-        let (rows, result) = watch(&plan, &progress, 1, hdr_log, intervals, vec![handle])?;
+        let loops = (1, vec![handle]);
+        let (rows, result) = watch(&plan, &progress, hdr_log, intervals, loops, forward)?;
         let (tally, counts) = result.into_iter().next().expect("one loop");
         return Ok((tally, rows, Some(counts)));
     }
@@ -301,10 +307,10 @@ pub fn run_share(
     let (rows, tallies) = watch(
         &plan,
         &progress,
-        threads as usize,
         hdr_log,
         intervals,
-        handles,
+        (threads as usize, handles),
+        forward,
     )?;
     let mut tally = Tally::default();
     for t in tallies {
@@ -318,10 +324,10 @@ pub fn run_share(
 fn watch<T>(
     plan: &Plan,
     progress: &Progress,
-    loops: usize,
     hdr_log: Option<&Path>,
     intervals: mpsc::Receiver<(usize, interval::Interval, bool)>,
-    handles: Vec<thread::JoinHandle<std::io::Result<T>>>,
+    (loops, handles): (usize, Vec<thread::JoinHandle<std::io::Result<T>>>),
+    forward: Option<interval::Forward>,
 ) -> Result<(Vec<interval::Row>, Vec<T>), String> {
     let hdr_log = match hdr_log {
         Some(path) => Some(
@@ -342,6 +348,9 @@ fn watch<T>(
     let loops = if plan.interval.is_zero() { 0 } else { loops };
     let open_loop = plan.rate > 0.0 && plan.workload == Workload::Echo;
     let mut collector = interval::Collector::new(plan.interval, loops, open_loop, hdr_log, print);
+    if let Some(forward) = forward {
+        collector = collector.forwarding(forward);
+    }
     let mut last = (Instant::now(), 0);
     while handles.iter().any(|h| !h.is_finished()) {
         match intervals.recv_timeout(Duration::from_millis(100)) {

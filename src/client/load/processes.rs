@@ -11,18 +11,28 @@
 //! children's tallies exactly (counts added, histograms added bucket by
 //! bucket) into one report, as if one process had done it all.
 //!
+//! Intervals too: every child counts its `--interval`s from the parent's
+//! start (a hidden `--run-started-us`, wall-clock time, so interval `i`
+//! covers the same second in every process), merges its loops' intervals
+//! and sends each one to the parent as a JSON line, histograms serialized.
+//! The parent merges interval `i` of every child exactly (the same
+//! [`Collector`] that merges one process's loops), prints one progress
+//! line per interval and puts one row per interval in the report.
+//!
 //! A child's stdin is a pipe from the parent; if the parent dies the pipe
 //! closes and the child exits, so no load process outlives its run.
 
 use std::io::{self, BufRead, BufReader, IsTerminal, Write};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use super::interval::{Collector, Interval};
 use super::merge::{part, tally_from_json, tally_json};
 use super::report::{Failure, Report, Tally};
 use super::{process_ids, run_share, Options, Progress, Workload};
@@ -108,6 +118,13 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
     let results: Arc<Mutex<Vec<Option<Value>>>> = Arc::new(Mutex::new(vec![None; count as usize]));
     let ready: Arc<Vec<AtomicBool>> =
         Arc::new((0..count).map(|_| AtomicBool::new(false)).collect());
+    // Children's intervals: (child, Some(interval)), and (child, None)
+    // once its stdout ends.
+    let (to_parent, intervals) = mpsc::channel::<(usize, Option<Interval>)>();
+    let started = Instant::now();
+    let started_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
     let mut children = Vec::new();
     for i in 0..count {
         let spawned = Command::new(&exe)
@@ -115,6 +132,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
             .args(&args.argv)
             .args(["--processes", &count.to_string()])
             .args(["--process-index", &i.to_string()])
+            .args(["--run-started-us", &started_us.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -129,6 +147,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
         let stdout = child.stdout.take().expect("piped");
         let (opened, messages, results) = (opened.clone(), messages.clone(), results.clone());
         let ready = ready.clone();
+        let to_parent = to_parent.clone();
         let reader = thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let Ok(v) = serde_json::from_str::<Value>(&line) else {
@@ -141,22 +160,46 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
                     if p["ready"] == true {
                         ready[i as usize].store(true, Ordering::Release);
                     }
+                } else if let Some(iv) = v.get("interval") {
+                    match Interval::from_json(iv) {
+                        Ok(iv) => {
+                            let _ = to_parent.send((i as usize, Some(iv)));
+                        }
+                        Err(e) => eprintln!("reactor load: process {i}: {e}"),
+                    }
                 } else if let Some(r) = v.get("result") {
                     results.lock().expect("not poisoned")[i as usize] = Some(r.clone());
                 }
             }
+            let _ = to_parent.send((i as usize, None));
         });
         children.push((i, child, reader));
     }
-    // Progress: a live line on a terminal, else a plain line a second.
+    drop(to_parent);
+    // Progress: a live line on a terminal, and the children's intervals
+    // merged, one line each `--interval` (0: none).
     let terminal = io::stderr().is_terminal();
     let bar = terminal.then(indicatif::ProgressBar::new_spinner);
-    let started = Instant::now();
     let (mut last_open, mut last_msgs, mut last_at) = (0u64, 0u64, Instant::now());
-    // `--interval` paces the plain lines (0: none); a terminal gets the
-    // live line either way.
     let every = args.plan.interval;
-    let mut next_line = Instant::now() + every;
+    let print: Box<dyn FnMut(String)> = match &bar {
+        Some(bar) => {
+            let bar = bar.clone();
+            Box::new(move |line| bar.println(line))
+        }
+        None => Box::new(|line| eprintln!("{line}")),
+    };
+    let open_loop = args.plan.rate > 0.0 && args.plan.workload == Workload::Echo;
+    let senders = if every.is_zero() { 0 } else { count as usize };
+    let mut collector = Collector::new(every, senders, open_loop, None, print);
+    let take = |collector: &mut Collector, (i, iv): (usize, Option<Interval>)| {
+        if i < senders {
+            match iv {
+                Some(iv) => collector.add(i, iv, false),
+                None => collector.finished(i),
+            }
+        }
+    };
     let mut released = false;
     loop {
         let alive: Vec<bool> = children
@@ -181,13 +224,19 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
                 }
             }
         }
-        thread::sleep(Duration::from_millis(200));
+        // Wait up to 200 ms for intervals, then take all that came.
+        if let Ok(got) = intervals.recv_timeout(Duration::from_millis(200)) {
+            take(&mut collector, got);
+        }
+        for got in intervals.try_iter() {
+            take(&mut collector, got);
+        }
+        let Some(b) = &bar else {
+            continue;
+        };
         let open: u64 = opened.iter().map(|a| a.load(Ordering::Relaxed)).sum();
         let msgs: u64 = messages.iter().map(|a| a.load(Ordering::Relaxed)).sum();
         let now = Instant::now();
-        if bar.is_none() && (every.is_zero() || now < next_line) {
-            continue;
-        }
         let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
         let line = format!(
             "{:.0} s: {open}/{connections} connections opened ({:.0}/s), {msgs} messages \
@@ -197,27 +246,28 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
             msgs.saturating_sub(last_msgs) as f64 / dt,
         );
         (last_open, last_msgs, last_at) = (open, msgs, now);
-        match &bar {
-            Some(b) => {
-                b.set_message(line);
-                b.tick();
-            }
-            None => {
-                eprintln!("reactor load: {line}");
-                next_line = now + every;
-            }
-        }
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
+        b.set_message(line);
+        b.tick();
     }
     let mut tally = Tally::default();
     let mut parts = Vec::new();
     let mut launched = vec![false; count as usize];
+    let mut readers = Vec::new();
     for (i, mut child, reader) in children {
         launched[i as usize] = true;
         let status = child.wait();
         let _ = reader.join();
+        readers.push((i, status));
+    }
+    // Every reader has ended: the last intervals are in the channel.
+    for got in intervals.try_iter() {
+        take(&mut collector, got);
+    }
+    let rows = collector.finish();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for (i, status) in readers {
         let result = results.lock().expect("not poisoned")[i as usize].take();
         match result.map(|r| tally_from_json(&r)) {
             Some(Ok(t)) => {
@@ -253,8 +303,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
         connections: u64::from(connections),
         udp: args.udp.is_some(),
         open_loop: args.plan.rate > 0.0 && args.plan.workload == Workload::Echo,
-        // Each process measured its own intervals; they are not merged.
-        intervals: Vec::new(),
+        intervals: rows,
         extra,
         tally,
     };
@@ -272,11 +321,34 @@ fn lost_process(tally: &mut Tally, connections: u32, process: (u32, u32), why: &
     );
 }
 
+/// One line of JSON to the parent.
+fn say(v: Value) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// When the parent's run began, on this process's clock: its intervals
+/// count from there, so they line up with every other child's.
+fn parent_start(started_us: Option<u64>) -> Instant {
+    let now = Instant::now();
+    let Some(us) = started_us else {
+        return now;
+    };
+    let then = UNIX_EPOCH + Duration::from_micros(us);
+    // A start in the future (clock stepped) counts from now.
+    let ago = SystemTime::now().duration_since(then).unwrap_or_default();
+    now.checked_sub(ago).unwrap_or(now)
+}
+
 /// A child: runs its share, reporting progress, and prints its tally.
 pub fn run_child(args: Options, index: u32) -> ExitCode {
     let count = args.processes.unwrap_or(1).max(1);
     let plan = Arc::new(args.plan);
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(Progress {
+        started: parent_start(args.run_started_us),
+        ..Progress::default()
+    });
     // hold begins when the parent says `go`.
     progress.gated.store(true, Ordering::Release);
     // The parent holds our stdin; when it goes, so do we.
@@ -291,11 +363,6 @@ pub fn run_child(args: Options, index: u32) -> ExitCode {
             }
             std::process::exit(1);
         });
-    let say = |v: Value| {
-        let mut out = io::stdout().lock();
-        let _ = writeln!(out, "{v}");
-        let _ = out.flush();
-    };
     let done = Arc::new(AtomicBool::new(false));
     let reporter = {
         let (progress, done) = (progress.clone(), done.clone());
@@ -312,7 +379,16 @@ pub fn run_child(args: Options, index: u32) -> ExitCode {
             }
         })
     };
-    let outcome = run_share(plan, args.threads, args.udp, None, progress, (index, count));
+    let forward = Box::new(|iv: &Interval| say(json!({ "interval": iv.to_json() })));
+    let outcome = run_share(
+        plan,
+        args.threads,
+        args.udp,
+        None,
+        progress,
+        (index, count),
+        Some(forward),
+    );
     done.store(true, Ordering::Release);
     let _ = reporter.join();
     match outcome.map(|(tally, _, _)| tally) {
