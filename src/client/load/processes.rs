@@ -225,8 +225,11 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
             }
         }
         // Wait up to 200 ms for intervals, then take all that came.
-        if let Ok(got) = intervals.recv_timeout(Duration::from_millis(200)) {
-            take(&mut collector, got);
+        match intervals.recv_timeout(Duration::from_millis(200)) {
+            Ok(got) => take(&mut collector, got),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Every child's stdout has ended: only their exits are left.
+            Err(mpsc::RecvTimeoutError::Disconnected) => thread::sleep(Duration::from_millis(200)),
         }
         for got in intervals.try_iter() {
             take(&mut collector, got);
