@@ -351,12 +351,10 @@ impl ServeArgs {
 impl LoadArgs {
     /// Checks combinations clap cannot, returning the complaint.
     fn validate(&self) -> Result<(), String> {
-        let one_process = self.hdr_log.is_some()
-            || self.find_max_rate.is_some()
-            || self.workload == WorkloadArg::Chat;
+        let one_process = self.find_max_rate.is_some() || self.workload == WorkloadArg::Chat;
         if one_process && self.processes.is_some_and(|p| p > 1) {
             return Err(
-                "--hdr-log, --find-max-rate and --workload chat run in one load process; \
+                "--find-max-rate and --workload chat run in one load process; \
                  leave out --processes"
                     .into(),
             );

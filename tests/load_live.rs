@@ -100,15 +100,29 @@ fn no_interval_means_no_lines() {
 
 #[test]
 fn the_hdr_log_reads_back_with_every_message() {
+    hdr_log_holds_every_message("one", &[]);
+}
+
+#[test]
+fn the_hdr_log_of_several_load_processes_holds_every_message() {
+    let v = hdr_log_holds_every_message("two", &["--processes", "2"]);
+    assert_eq!(v["processes"], 2, "{v}");
+}
+
+/// Runs 4 open-loop clients with `--hdr-log` (and `extra`), reads the log
+/// back: one histogram per interval row, holding every message of the
+/// rows, corrected and uncorrected. Returns the report.
+fn hdr_log_holds_every_message(name: &str, extra: &[&str]) -> Value {
     use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
     use hdrhistogram::serialization::Deserializer;
 
     let server = Server::start(&["--log-level", "warn"]);
     let addr = server.addr.to_string();
-    let dir = std::env::temp_dir().join(format!("reactor-hdr-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("reactor-hdr-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("run.hlog");
-    let (code, v, _) = load_full(&[
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&[
         &addr,
         "-c",
         "4",
@@ -123,6 +137,7 @@ fn the_hdr_log_reads_back_with_every_message() {
         "--hdr-log",
         path.to_str().unwrap(),
     ]);
+    let (code, v, _) = load_full(&args);
     assert_eq!(code, Some(0), "{v}");
     let text = std::fs::read(&path).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -149,6 +164,7 @@ fn the_hdr_log_reads_back_with_every_message() {
     assert!(total > 0);
     assert_eq!(corrected, total);
     assert_eq!(uncorrected, total);
+    v
 }
 
 /// Standard base64, as the log encodes its histograms.

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::interval::{Collector, Interval};
+use super::interval::{Collector, HdrLog, Interval};
 use super::merge::{part, tally_from_json, tally_json};
 use super::report::{Failure, Report, Tally};
 use super::{process_ids, run_share, Options, Progress, Workload};
@@ -55,13 +55,12 @@ pub fn count(args: &Options, limit: u64) -> u32 {
     if let Some(p) = args.processes {
         return p.min(args.plan.connections).max(1);
     }
-    // These keep everything in one process: datagram sockets, the
-    // interval log and the rate search are the parent's alone, and a chat
-    // room's every line is checked against every client by one loop.
-    let one = args.udp.is_some()
-        || args.hdr_log.is_some()
-        || args.find_max_rate.is_some()
-        || args.plan.workload == Workload::Chat;
+    // These keep everything in one process: datagram sockets and the
+    // rate search are the parent's alone, and a chat room's every line is
+    // checked against every client by one loop. (`--hdr-log` is written by
+    // the parent from the merged intervals.)
+    let one =
+        args.udp.is_some() || args.find_max_rate.is_some() || args.plan.workload == Workload::Chat;
     if one {
         return 1;
     }
@@ -122,9 +121,21 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
     // once its stdout ends.
     let (to_parent, intervals) = mpsc::channel::<(usize, Option<Interval>)>();
     let started = Instant::now();
-    let started_us = SystemTime::now()
+    let wall_start = SystemTime::now();
+    let started_us = wall_start
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
+    // `--hdr-log`: the parent writes the merged intervals.
+    let hdr_log = match &args.hdr_log {
+        Some(path) => match HdrLog::create(path, wall_start) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                eprintln!("reactor load: --hdr-log {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let mut children = Vec::new();
     for i in 0..count {
         let spawned = Command::new(&exe)
@@ -191,7 +202,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
     };
     let open_loop = args.plan.rate > 0.0 && args.plan.workload == Workload::Echo;
     let senders = if every.is_zero() { 0 } else { count as usize };
-    let mut collector = Collector::new(every, senders, open_loop, None, print);
+    let mut collector = Collector::new(every, senders, open_loop, hdr_log, print);
     let take = |collector: &mut Collector, (i, iv): (usize, Option<Interval>)| {
         if i < senders {
             match iv {
