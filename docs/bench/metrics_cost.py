@@ -48,8 +48,12 @@ import subprocess
 import time
 
 
-def start(binary, metrics):
-    args = ["taskset", "-c", "0", binary, "serve", "--addr", "127.0.0.1:0", "--log-level", "warn"]
+def start(binary, metrics, workers=1):
+    # One loop: pinned to core 0. Workers: unpinned (they are the cores).
+    pin = ["taskset", "-c", "0"] if workers == 1 else []
+    args = pin + [binary, "serve", "--addr", "127.0.0.1:0", "--log-level", "warn"]
+    if workers > 1:
+        args += ["--workers", str(workers)]
     if metrics:
         args += ["--metrics", "127.0.0.1:0"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -151,7 +155,7 @@ def pairs(name, a, side_a, side_b):
 
 def latency(a, binary=None):
     binary = binary or a.reactor
-    p, addr, maddr = start(binary, True)
+    p, addr, maddr = start(binary, True, a.lat_workers)
     try:
         lp = subprocess.Popen(
             ["taskset", "-c", "1", a.reactor, "load", addr, "-c", str(a.lat_conns), "-d",
@@ -180,7 +184,7 @@ def latency(a, binary=None):
         out, _ = lp.communicate(timeout=600)
         r = json.loads(out)
         times.sort()
-        res = {"binary": binary, "uptime_load": os.getloadavg(),
+        res = {"binary": binary, "uptime_load": os.getloadavg(), "workers": a.lat_workers,
                "connections": a.lat_conns, "load_msgs_per_sec": r["msgs_per_sec"],
                "load_ok": r["ok"], "scrape_ms_p50": statistics.median(times),
                "scrape_ms_p90": times[int(len(times) * 0.9)], "scrape_ms_max": times[-1],
@@ -239,6 +243,8 @@ def main():
     ap.add_argument("--lat-duration", type=float, default=40)
     ap.add_argument("--lat-pipeline", type=int, default=16)
     ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--lat-workers", type=int, default=1,
+                    help="latency: serve --workers N (unpinned; the load stays on core 1)")
     ap.add_argument("--out")
     ap.add_argument("parts", nargs="+", choices=["counters", "endpoint", "scrape", "scrape-naive", "latency",
                              "latency-pairs", "percost"])
