@@ -62,19 +62,38 @@ mod metrics;
 pub mod ring;
 
 use conn::{Broadcast, Conn, Spare};
-use ring::{Event, Ring};
+use ring::{Event, PoolShape, Ring};
 
 /// Submission queue entries: one turn's sends, re-arms and cancels; a
 /// full queue is submitted early, so this bounds nothing but batching.
 const SQ_ENTRIES: u32 = 4096;
-/// Receive buffers: size, most, and how many are provided at start (more
-/// are provided whenever the kernel runs out, up to the most). A buffer's
-/// pages cost memory only once written. 16 KiB buffers (fewer completions
-/// for bulk input) were tried: a client flooding the server then held up
-/// to 4 MiB of them, against 1 MiB at 4 KiB.
-const BUF_SIZE: usize = 4096;
-const BUF_MAX: u16 = 8192;
-const BUF_INITIAL: u16 = 64;
+/// Receive buffers: how many at most, their size, and how many are
+/// provided at start (more are provided whenever the kernel runs out, up
+/// to the most); a buffer's pages cost memory only once written. Both
+/// shapes cost at most 32 MiB, and 256 KiB at start.
+///
+/// Echo's buffers are consumed incrementally (kernel 6.12 on) and 64 KiB:
+/// a 64 KiB burst arrives in one completion rather than 16 (at 4 KiB,
+/// `--pipeline 16` of 4 KiB messages cost 1.4x the CPU per message: 16
+/// receives per round), while small messages are packed one after another.
+/// Chat keeps 4 KiB buffers used whole: its lines are short, and one
+/// receive is relayed to every client, so a bigger receive is a bigger
+/// burst of output per turn (at 64 KiB, a talker's burst filled two
+/// readers' queues alike before either could be flushed, and the cap then
+/// dropped the reader that kept up).
+const BUF_INC: PoolShape = PoolShape {
+    buffers: 512,
+    size: 64 * 1024,
+    initial: 4,
+};
+/// Used whole (chat, and echo on older kernels), each completion takes a
+/// buffer for itself, so they stay small: 16 KiB ones let a flooding
+/// client hold 4 MiB.
+const BUF_WHOLE: PoolShape = PoolShape {
+    buffers: 8192,
+    size: 4096,
+    initial: 64,
+};
 /// After `EMFILE`, try accepting again at the latest this much later.
 const ACCEPT_RETRY: Duration = Duration::from_millis(250);
 /// How long a rejected chat client's input is discarded before the close.
@@ -173,7 +192,13 @@ pub fn new_engine<P: Protocol>(
     let cq = (max_connections as u32)
         .clamp(4096, 16384)
         .next_power_of_two();
-    let ring = Ring::new(SQ_ENTRIES, cq, BUF_MAX, BUF_SIZE, BUF_INITIAL).map_err(|e| {
+    let ring = Ring::new(
+        SQ_ENTRIES,
+        cq,
+        P::MIRRORS_INPUT.then_some(BUF_INC),
+        BUF_WHOLE,
+    )
+    .map_err(|e| {
         let why = match e.raw_os_error() {
             Some(libc::EPERM) => {
                 " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
@@ -186,11 +211,13 @@ pub fn new_engine<P: Protocol>(
             "io_uring unavailable: {e}{why}; use the default engine (--engine reactor)"
         ))
     })?;
+    let (size, inc) = ring.buffer_size();
     log::info!(
-        "io_uring: {} completion entries, {} receive buffers of {} bytes provided",
+        "io_uring: {} completion entries, {} receive buffers of {} bytes provided{}",
         ring.cq_entries(),
         ring.buffers_provided(),
-        BUF_SIZE
+        size,
+        if inc { ", consumed incrementally" } else { "" }
     );
     let io = ServeError::Io;
     let (signals, pipe_in) = UnixStream::pair().map_err(io)?;

@@ -21,7 +21,12 @@
 //!   hands out a [`RecvBuf`] (constructible only here) that names the
 //!   buffer; its bytes can be read through [`Ring::bytes`] until it is
 //!   given back with [`Ring::recycle`], which is the only way the buffer
-//!   returns to the kernel.
+//!   returns to the kernel. Where the kernel allows it (6.12 on), buffers
+//!   are consumed *incrementally*: a completion takes only the bytes it
+//!   needs from the buffer at the head, the next one continues behind it,
+//!   and the buffer goes back once a completion says it is used up. So a
+//!   buffer can be large (one completion carries a 64 KiB burst) while a
+//!   64-byte message still costs 64 bytes of pool.
 //! - **Accepts** return new descriptors as `OwnedFd`, made here from the
 //!   kernel's number.
 //! - Every other operation names no memory (cancel, poll).
@@ -63,6 +68,21 @@ static NEXT_RING_ID: AtomicU32 = AtomicU32::new(0);
 
 /// The buffer group id of the one provided-buffer ring.
 const BGID: u16 = 0;
+
+/// `IOU_PBUF_RING_INC`: buffers of the ring are consumed incrementally.
+const PBUF_RING_INC: u16 = 2;
+
+/// A receive buffer pool: `buffers` of `size` bytes at most, `initial` of
+/// them provided at first.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolShape {
+    /// Most buffers (a power of two).
+    pub buffers: u16,
+    /// Bytes each.
+    pub size: usize,
+    /// Provided at start.
+    pub initial: u16,
+}
 
 /// One piece of output: owned bytes, or a chunk shared by every recipient
 /// of a chat broadcast (one allocation, many sends).
@@ -133,7 +153,11 @@ struct Flight {
 #[derive(Debug)]
 pub struct RecvBuf {
     bid: u16,
+    /// Where its bytes start in the buffer (incremental buffers only).
+    off: u32,
     len: u32,
+    /// The kernel is done with the buffer: recycling it provides it again.
+    last: bool,
     /// The ring whose pool it names: a `RecvBuf` from another ring would
     /// name a buffer of this pool that the kernel may be filling.
     ring: u32,
@@ -200,10 +224,14 @@ struct Pool {
     /// Buffers ever provided; grows on `ENOBUFS` up to `count`.
     provided: u16,
     count: u16,
+    /// Consumed incrementally: then `used[bid]` is how far the kernel has
+    /// filled buffer `bid` since it was last provided.
+    inc: bool,
+    used: Vec<u32>,
 }
 
 impl Pool {
-    fn new(count: u16, size: usize) -> io::Result<Pool> {
+    fn new(count: u16, size: usize, inc: bool) -> io::Result<Pool> {
         assert!(count.is_power_of_two());
         let entries_layout =
             Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
@@ -250,6 +278,12 @@ impl Pool {
             size,
             provided: 0,
             count,
+            inc,
+            used: if inc {
+                vec![0; count as usize]
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -320,7 +354,11 @@ impl Ring {
     /// processed only when this thread enters the kernel to wait, so they
     /// come in batches and never interrupt the loop) and falls back to a
     /// plain ring on kernels that refuse them.
-    pub fn new(sq: u32, cq: u32, buffers: u16, size: usize, initial: u16) -> io::Result<Ring> {
+    ///
+    /// The pool is `inc`, consumed incrementally, if asked for and the
+    /// kernel allows it; otherwise `whole`, each completion taking a whole
+    /// buffer.
+    pub fn new(sq: u32, cq: u32, inc: Option<PoolShape>, whole: PoolShape) -> io::Result<Ring> {
         let uring = match IoUring::builder()
             .setup_cqsize(cq)
             .setup_single_issuer()
@@ -334,20 +372,39 @@ impl Ring {
             }
             Err(e) => return Err(e),
         };
-        let mut pool = Pool::new(buffers, size)?;
-        // SAFETY: `pool.entries` points at `buffers` entries, page aligned,
-        // and is never freed (see the module docs): it outlives the
-        // registration, which ends only with the ring.
-        unsafe {
-            uring.submitter().register_buf_ring_with_flags(
-                pool.entries as u64,
-                buffers,
-                BGID,
-                0,
-            )?;
+        let register = |pool: &Pool, flags: u16| {
+            // SAFETY: `pool.entries` points at `pool.count` entries, page
+            // aligned, and is never freed (see the module docs): it
+            // outlives the registration, which ends only with the ring.
+            unsafe {
+                uring.submitter().register_buf_ring_with_flags(
+                    pool.entries as u64,
+                    pool.count,
+                    BGID,
+                    flags,
+                )
+            }
+        };
+        let shape = inc.unwrap_or(whole);
+        let mut pool = Pool::new(shape.buffers, shape.size, inc.is_some())?;
+        let mut initial = shape.initial;
+        match register(&pool, if inc.is_some() { PBUF_RING_INC } else { 0 }) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && inc.is_some() => {
+                log::info!(
+                    "io_uring: incremental receive buffers refused ({e}); \
+                     using buffers of {} bytes whole",
+                    whole.size
+                );
+                // The first pool was never registered; it is left unused.
+                pool = Pool::new(whole.buffers, whole.size, false)?;
+                initial = whole.initial;
+                register(&pool, 0)?;
+            }
+            Err(e) => return Err(e),
         }
         pool.provided = 0;
-        while pool.provided < initial.min(buffers) {
+        while pool.provided < initial.min(pool.count) {
             pool.grow();
         }
         Ok(Ring {
@@ -390,6 +447,11 @@ impl Ring {
     /// Receive buffers provided so far.
     pub fn buffers_provided(&self) -> usize {
         self.pool.provided as usize
+    }
+
+    /// Bytes per receive buffer, and whether they are consumed incrementally.
+    pub fn buffer_size(&self) -> (usize, bool) {
+        (self.pool.size, self.pool.inc)
     }
 
     /// Queues an entry, handing queued entries to the kernel first when
@@ -605,18 +667,47 @@ impl Ring {
                     Err(err())
                 } else {
                     match cqueue::buffer_select(flags) {
-                        // A zero-byte completion may still carry a buffer:
-                        // give it back and report EOF, so every RecvBuf
-                        // holds bytes.
+                        // A zero-byte completion may still name a buffer.
+                        // A whole buffer was taken anyway: give it back. An
+                        // incremental one was not (the kernel consumed none
+                        // of it, and it stays at the head for the next
+                        // receive): providing it again would put it on the
+                        // ring twice. Either way EOF is reported, so every
+                        // RecvBuf holds bytes.
                         Some(bid) if res == 0 => {
-                            self.pool.provide(bid);
+                            if !self.pool.inc {
+                                self.pool.provide(bid);
+                            }
                             Ok(None)
                         }
-                        Some(bid) => Ok(Some(RecvBuf {
-                            bid,
-                            len: res as u32,
-                            ring: self.id,
-                        })),
+                        Some(bid) => {
+                            let (off, last) = if self.pool.inc {
+                                // The bytes follow what earlier completions
+                                // took from this buffer; without BUF_MORE
+                                // the kernel has moved on to the next one.
+                                let used = &mut self.pool.used[bid as usize];
+                                let off = *used;
+                                *used += res as u32;
+                                let last = !cqueue::buffer_more(flags);
+                                if last {
+                                    *used = 0;
+                                }
+                                (off, last)
+                            } else {
+                                (0, true)
+                            };
+                            assert!(
+                                off as usize + res as usize <= self.pool.size,
+                                "a receive past its buffer's end"
+                            );
+                            Ok(Some(RecvBuf {
+                                bid,
+                                off,
+                                len: res as u32,
+                                last,
+                                ring: self.id,
+                            }))
+                        }
                         None if res == 0 => Ok(None),
                         None => Err(io::ErrorKind::InvalidData.into()),
                     }
@@ -645,21 +736,30 @@ impl Ring {
     pub fn bytes(&self, b: &RecvBuf) -> &[u8] {
         assert_eq!(b.ring, self.id, "a receive buffer of another ring");
         // SAFETY: `b` came from a completion, so the kernel has finished
-        // writing buffer `b.bid` (`b.len` bytes, at most `size`) and will
-        // not take it again until `recycle` puts it back on the ring, which
-        // consumes `b`. The pool is never freed while the ring lives.
+        // writing bytes `b.off..b.off + b.len` of buffer `b.bid` (inside the
+        // buffer: checked in `translate`). It does not write them again
+        // until the buffer is provided anew: a whole buffer only by
+        // `recycle`, which consumes `b`; an incremental one only by the
+        // recycling of the completion that used it up, which comes after
+        // this one (completions are handled in order, each recycled before
+        // the next). The pool is never freed while the ring lives.
         unsafe {
             std::slice::from_raw_parts(
-                self.pool.mem.add(b.bid as usize * self.pool.size),
+                self.pool
+                    .mem
+                    .add(b.bid as usize * self.pool.size + b.off as usize),
                 b.len as usize,
             )
         }
     }
 
-    /// Gives a buffer back to the kernel.
+    /// Gives a buffer back to the kernel (an incremental one once its
+    /// last completion is recycled; until then the kernel still fills it).
     pub fn recycle(&mut self, b: RecvBuf) {
         assert_eq!(b.ring, self.id, "a receive buffer of another ring");
-        self.pool.provide(b.bid);
+        if b.last {
+            self.pool.provide(b.bid);
+        }
     }
 }
 
@@ -670,5 +770,138 @@ impl Drop for Ring {
         // flight here; the pool has no Drop at all.
         let _ = self.pool.entries_layout;
         std::mem::forget(std::mem::take(&mut self.flights));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::Shutdown;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    const WHOLE: PoolShape = PoolShape {
+        buffers: 4,
+        size: 4096,
+        initial: 4,
+    };
+
+    /// A ring whose pool is two incremental buffers of 64 KiB.
+    fn two_buffer_ring() -> Ring {
+        let inc = PoolShape {
+            buffers: 4,
+            size: 64 * 1024,
+            initial: 2,
+        };
+        let ring = Ring::new(8, 64, Some(inc), WHOLE).unwrap();
+        assert_eq!(
+            ring.buffer_size(),
+            (64 * 1024, true),
+            "kernel 6.12 or later"
+        );
+        assert_eq!(ring.buffers_provided(), 2);
+        ring
+    }
+
+    /// Waits for the next completion of a receive.
+    fn next_received(ring: &mut Ring) -> (u64, io::Result<Option<RecvBuf>>) {
+        let mut events = Vec::new();
+        loop {
+            ring.complete(&mut events, 1);
+            if let Some(e) = events.pop() {
+                match e {
+                    Event::Received { tag, result, .. } => return (tag, result),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+        }
+    }
+
+    fn armed_pair(ring: &mut Ring, tag: u64) -> (UnixStream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        ring.recv_multi(b.as_fd(), tag).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn small_receives_are_packed_one_after_another_in_one_buffer() {
+        let mut ring = two_buffer_ring();
+        let (mut a, _a) = armed_pair(&mut ring, 1);
+        let (mut b, _b) = armed_pair(&mut ring, 2);
+        a.write_all(b"hello").unwrap();
+        let (tag, first) = next_received(&mut ring);
+        let first = first.unwrap().unwrap();
+        assert_eq!((tag, ring.bytes(&first)), (1, &b"hello"[..]));
+        b.write_all(b"world!").unwrap();
+        let (tag, second) = next_received(&mut ring);
+        let second = second.unwrap().unwrap();
+        assert_eq!((tag, ring.bytes(&second)), (2, &b"world!"[..]));
+        assert_eq!((first.bid, first.off), (second.bid, 0));
+        assert_eq!(second.off, 5, "right behind the first");
+        assert!(!first.last && !second.last, "the buffer is not used up");
+        ring.recycle(first);
+        ring.recycle(second);
+    }
+
+    #[test]
+    fn eof_leaves_an_incremental_buffer_where_it_is() {
+        let mut ring = two_buffer_ring();
+        let (mut a, _a) = armed_pair(&mut ring, 1);
+        a.write_all(&[7; 100]).unwrap();
+        let (_, got) = next_received(&mut ring);
+        let got = got.unwrap().unwrap();
+        assert_eq!(ring.bytes(&got), &[7; 100][..]);
+        let bid = got.bid;
+        ring.recycle(got);
+        a.shutdown(Shutdown::Write).unwrap();
+        let (tag, eof) = next_received(&mut ring);
+        assert!(matches!((tag, eof), (1, Ok(None))));
+        // The buffer is still the kernel's, once, whatever the EOF's
+        // completion named (on 6.18 it names no buffer): the next receive
+        // continues in it (had the EOF used it up, the bytes would start
+        // the other buffer; had it been provided twice, they would start
+        // this one again at 0).
+        let (mut b, _b) = armed_pair(&mut ring, 2);
+        b.write_all(&[9; 200]).unwrap();
+        let (tag, next) = next_received(&mut ring);
+        let next = next.unwrap().unwrap();
+        assert_eq!(tag, 2);
+        assert_eq!(ring.bytes(&next), &[9; 200][..]);
+        assert_eq!((next.bid, next.off), (bid, 100));
+        ring.recycle(next);
+    }
+
+    #[test]
+    fn a_used_up_buffer_is_provided_again_and_filled_from_its_start() {
+        let mut ring = two_buffer_ring();
+        let (mut a, _a) = armed_pair(&mut ring, 1);
+        // Exactly both buffers' worth, in pieces the socket takes whole.
+        let data: Vec<u8> = (0..128 * 1024).map(|i| (i % 251) as u8).collect();
+        let (mut got, mut used_up) = (Vec::new(), Vec::new());
+        for piece in data.chunks(8192) {
+            a.write_all(piece).unwrap();
+            let mut have = 0;
+            while have < piece.len() {
+                let (_, r) = next_received(&mut ring);
+                let buf = r.unwrap().unwrap();
+                have += buf.len();
+                got.extend_from_slice(ring.bytes(&buf));
+                if buf.last {
+                    used_up.push(buf.bid);
+                }
+                ring.recycle(buf);
+            }
+        }
+        assert!(got == data);
+        assert_eq!(used_up.len(), 2, "both buffers used up, once each");
+        // Both were provided again; the first comes round first.
+        a.write_all(b"again").unwrap();
+        let (_, r) = next_received(&mut ring);
+        let buf = r.unwrap().unwrap();
+        assert_eq!(ring.bytes(&buf), b"again");
+        assert_eq!((buf.bid, buf.off), (used_up[0], 0));
+        ring.recycle(buf);
     }
 }
