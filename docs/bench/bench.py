@@ -384,7 +384,7 @@ def main():
     if "uring-hold" in only:
         rows = []
         for rep in range(ARGS.hold_reps or ARGS.reps):
-            for kind in ("uring", "reactor"):
+            for kind in ARGS.uring_kinds.split(",")[:-1]:
                 r = hold_run(kind, 19900)
                 print(rep, r, flush=True)
                 rows.append(r)
