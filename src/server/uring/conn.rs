@@ -55,6 +55,9 @@ pub mod flag {
     pub const MEMORY_WAIT: u16 = 1 << 8;
     /// Has an entry in the queue of connections waiting for memory.
     pub const IN_LINE: u16 = 1 << 9;
+    /// The client's EOF is still to be told to the protocol, behind input
+    /// held back (stashed, or the protocol's own backlog).
+    pub const EOF_OWED: u16 = 1 << 10;
 }
 
 /// Output and held input of one connection; boxed, and only while needed.

@@ -45,13 +45,9 @@ impl<P: Protocol> Engine<P> {
             // what we owe it: a half-close, not an error.
             Ok(None) => {
                 let conn = &mut self.conns[key];
-                conn.flags |= flag::READ_CLOSED;
+                conn.flags |= flag::READ_CLOSED | flag::EOF_OWED;
                 log::debug!("[conn {key}] eof");
-                if conn.phase == Phase::Open
-                    && !conn.out.as_ref().is_some_and(|o| !o.stash.is_empty())
-                {
-                    self.protocol_eof(key);
-                }
+                self.eof_if_due(key);
             }
             // Out of pool buffers: provide more (at most once per batch of
             // completions); `settle` re-arms.
@@ -100,6 +96,12 @@ impl<P: Protocol> Engine<P> {
                 &mut self.spare,
             );
             self.protocol.data(session, &bytes[..n], &mut outbox);
+            if self.protocol.backlog(&conn.session) {
+                // See `pause_for_backlog`; the rest of this buffer is
+                // stashed below, in order.
+                log::debug!("[conn {key}] input held by the protocol: receiving paused");
+                conn.flags |= flag::PAUSED;
+            }
         }
         if n < bytes.len() {
             // The receive was already under way when the queue filled:
@@ -126,11 +128,63 @@ impl<P: Protocol> Engine<P> {
         self.protocol.eof(session, &mut outbox);
     }
 
-    /// Feeds held input once the output queue has drained below half.
+    /// The protocol held input back because one input's output budget ran
+    /// out (chat's `/who` flood): stop receiving, as the readiness engine
+    /// stops reading, until [`Engine::resume`] has worked through it.
+    fn pause_for_backlog(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if self.protocol.backlog(&conn.session) {
+            log::debug!("[conn {key}] input held by the protocol: receiving paused");
+            conn.flags |= flag::PAUSED;
+        }
+    }
+
+    /// Tells the protocol of the client's EOF once no input is held back
+    /// before it.
+    fn eof_if_due(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if !conn.has(flag::EOF_OWED) {
+            return;
+        }
+        if conn.phase != Phase::Open {
+            conn.flags &= !flag::EOF_OWED;
+            return;
+        }
+        let stashed = conn.out.as_ref().is_some_and(|o| !o.stash.is_empty());
+        if !stashed && !self.protocol.backlog(&conn.session) {
+            conn.flags &= !flag::EOF_OWED;
+            self.protocol_eof(key);
+        }
+    }
+
+    /// Once the output queue has drained below half: works on input the
+    /// protocol holds back (one output budget's worth per call, so others
+    /// are served in between), then feeds input held here, then the EOF.
     fn resume(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         conn.flags &= !flag::PAUSED;
         conn.stamp = self.now;
+        if conn.phase == Phase::Open && self.protocol.backlog(&conn.session) {
+            let (mut outbox, session) = conn.outbox_and_session(
+                tag_of(key, conn.generation),
+                self.config.max_buffer,
+                &mut self.broadcasts,
+                &mut self.dirty,
+                &mut self.spare,
+            );
+            self.protocol.resume(session, &mut outbox);
+            if self.protocol.backlog(&conn.session) {
+                conn.flags |= flag::PAUSED;
+                return;
+            }
+        }
+        self.feed_held(key);
+        self.eof_if_due(key);
+    }
+
+    /// Feeds input stashed while paused, as far as the queue has room.
+    fn feed_held(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
         let Some(o) = conn.out.as_mut() else { return };
         if o.stash.is_empty() {
             return;
@@ -148,14 +202,15 @@ impl<P: Protocol> Engine<P> {
                 &mut self.spare,
             );
             self.protocol.data(session, &stash[..n], &mut outbox);
+            self.pause_for_backlog(key);
         }
+        let conn = &mut self.conns[key];
         if n < stash.len() && conn.phase == Phase::Open {
+            // What the protocol held back or the queue had no room for
+            // waits for the next drain; the stash keeps its order.
             let o = conn.out.get_or_insert_with(|| self.spare.out());
             o.stash.extend_from_slice(&stash[n..]);
             conn.flags |= flag::PAUSED;
-        } else if conn.has(flag::READ_CLOSED) && conn.phase == Phase::Open {
-            // The EOF came in behind the held bytes.
-            self.protocol_eof(key);
         }
     }
 
