@@ -8,7 +8,7 @@ use super::conn::{flag, Conn, Phase, UringOutbox};
 use super::{tag_of, Accepting, Engine, ACCEPT_RETRY, SHUTDOWN_GRACE, TCP, UNIX};
 use crate::protocol::Protocol;
 use crate::server::event_loop::concerns_one_connection;
-use crate::server::{final_stats, warn_accept_paused, CloseReason};
+use crate::server::{final_stats, turn_away, warn_accept_paused, CloseReason};
 
 impl<P: Protocol> Engine<P> {
     /// Arms a multishot accept on each listener that has none.
@@ -99,14 +99,25 @@ impl<P: Protocol> Engine<P> {
             // keep the client waiting on a server that has no room. The
             // socket is blocking (io_uring needs no O_NONBLOCK), so the
             // one line is sent with MSG_DONTWAIT.
-            self.stats.rejected += 1;
-            let line = self.protocol.reject();
+            let line = turn_away(&mut self.protocol, &mut self.stats, self.conns.len());
             if !line.is_empty() {
                 if let Ok(n) = sock.send_with_flags(line, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
                     self.stats.bytes_out += n as u64;
                 }
+                // Closing with unread input sends a reset, which can
+                // destroy the line before the client reads it: shut our
+                // side, and take what the client already sent (a little; a
+                // full server cannot linger for everyone it turns away), as
+                // the readiness engine does.
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+                for _ in 0..16 {
+                    match sock.recv_with_flags(&mut sink, libc::MSG_DONTWAIT) {
+                        Ok(n) if n > 0 => self.stats.bytes_discarded += n as u64,
+                        _ => break,
+                    }
+                }
             }
-            log::debug!("rejected a client: {} connections held", self.conns.len());
             return;
         }
         if !unix {
