@@ -266,9 +266,8 @@ fn chat_drops_the_biggest_reader_at_the_memory_cap(engine: &str) {
 }
 engines!(chat_drops_the_biggest_reader_at_the_memory_cap: reactor, uring);
 
-#[test]
-fn quit_while_still_sending_gets_bye_not_a_reset() {
-    let server = Server::start(&["--mode", "chat"]);
+fn quit_while_still_sending_gets_bye_not_a_reset(engine: &str) {
+    let server = Server::start_engine(engine, &["--mode", "chat"]);
     let s = server.connect();
     let mut w = s.try_clone().unwrap();
     let writer = thread::spawn(move || {
@@ -297,10 +296,10 @@ fn quit_while_still_sending_gets_bye_not_a_reset() {
     assert_eq!(got, b"* welcome guest-1\n* bye\n");
     assert!(end.is_ok(), "the connection ended with {end:?}, not EOF");
 }
+engines!(quit_while_still_sending_gets_bye_not_a_reset: reactor, uring);
 
-#[test]
-fn a_who_flood_is_answered_in_full_and_others_are_served_meanwhile() {
-    let server = Server::start(&["--mode", "chat"]);
+fn a_who_flood_is_answered_in_full_and_others_are_served_meanwhile(engine: &str) {
+    let server = Server::start_engine(engine, &["--mode", "chat"]);
     // 40 clients with 32-byte names make each answer about 1.4 KB.
     let mut crowd = Vec::new();
     for i in 0..40 {
@@ -346,6 +345,7 @@ fn a_who_flood_is_answered_in_full_and_others_are_served_meanwhile() {
     }
     assert_eq!(reader.join().unwrap(), count, "every /who answered");
 }
+engines!(a_who_flood_is_answered_in_full_and_others_are_served_meanwhile: reactor, uring);
 
 #[test]
 fn a_paused_client_is_not_read_again_before_its_queue_drained_to_half() {
@@ -412,9 +412,8 @@ fn churn_with_a_long_idle_timeout_leaves_no_timers_behind() {
     assert!(grown < 8 * 1024, "RSS grew {grown} KiB");
 }
 
-#[test]
-fn a_client_turned_away_while_sending_gets_the_line_and_an_eof() {
-    let server = Server::start(&["--mode", "chat", "--max-connections", "1"]);
+fn a_client_turned_away_while_sending_gets_the_line_and_an_eof(engine: &str) {
+    let server = Server::start_engine(engine, &["--mode", "chat", "--max-connections", "1"]);
     let mut first = BufReader::new(server.connect());
     let mut line = String::new();
     first.read_line(&mut line).unwrap();
@@ -436,3 +435,4 @@ fn a_client_turned_away_while_sending_gets_the_line_and_an_eof() {
         assert!(end.is_ok(), "ended with {end:?}");
     }
 }
+engines!(a_client_turned_away_while_sending_gets_the_line_and_an_eof: reactor, uring);
