@@ -787,21 +787,22 @@ mod tests {
         initial: 4,
     };
 
-    /// A ring whose pool is two incremental buffers of 64 KiB.
-    fn two_buffer_ring() -> Ring {
+    /// A ring whose pool is two incremental buffers of 64 KiB; `None`
+    /// (the test says SKIP) on a kernel before 6.12, which refuses them:
+    /// the engine then uses whole buffers, which these tests are not about.
+    fn two_buffer_ring() -> Option<Ring> {
         let inc = PoolShape {
             buffers: 4,
             size: 64 * 1024,
             initial: 2,
         };
         let ring = Ring::new(8, 64, Some(inc), WHOLE).unwrap();
-        assert_eq!(
-            ring.buffer_size(),
-            (64 * 1024, true),
-            "kernel 6.12 or later"
-        );
+        if ring.buffer_size() != (64 * 1024, true) {
+            eprintln!("SKIP: this kernel refuses incremental buffer rings (6.12 or later)");
+            return None;
+        }
         assert_eq!(ring.buffers_provided(), 2);
-        ring
+        Some(ring)
     }
 
     /// Waits for the next completion of a receive.
@@ -827,7 +828,9 @@ mod tests {
 
     #[test]
     fn small_receives_are_packed_one_after_another_in_one_buffer() {
-        let mut ring = two_buffer_ring();
+        let Some(mut ring) = two_buffer_ring() else {
+            return;
+        };
         let (mut a, _a) = armed_pair(&mut ring, 1);
         let (mut b, _b) = armed_pair(&mut ring, 2);
         a.write_all(b"hello").unwrap();
@@ -847,7 +850,9 @@ mod tests {
 
     #[test]
     fn eof_leaves_an_incremental_buffer_where_it_is() {
-        let mut ring = two_buffer_ring();
+        let Some(mut ring) = two_buffer_ring() else {
+            return;
+        };
         let (mut a, _a) = armed_pair(&mut ring, 1);
         a.write_all(&[7; 100]).unwrap();
         let (_, got) = next_received(&mut ring);
@@ -875,7 +880,9 @@ mod tests {
 
     #[test]
     fn a_used_up_buffer_is_provided_again_and_filled_from_its_start() {
-        let mut ring = two_buffer_ring();
+        let Some(mut ring) = two_buffer_ring() else {
+            return;
+        };
         let (mut a, _a) = armed_pair(&mut ring, 1);
         // Exactly both buffers' worth, in pieces the socket takes whole.
         let data: Vec<u8> = (0..128 * 1024).map(|i| (i % 251) as u8).collect();
