@@ -52,16 +52,43 @@ def core_busy():
     return busy["cpu0"], busy["cpu1"]
 
 
-def perf_syscalls(pid, secs, out, key):
-    r = subprocess.run(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", str(pid),
-                        "--", "sleep", str(secs)], capture_output=True, text=True)
+def perf_stat(pid, secs, out, key):
+    """CPU (task-clock: every thread of the process, exact rather than in
+    clock ticks), context switches and system calls of `pid` over `secs`."""
+    r = subprocess.run(["perf", "stat", "-x,", "-e",
+                        "task-clock,context-switches,raw_syscalls:sys_enter",
+                        "-p", str(pid), "--", "sleep", str(secs)],
+                       capture_output=True, text=True)
+    got = {}
     for line in r.stderr.splitlines():
         parts = line.split(",")
-        if len(parts) > 3 and parts[0].strip().isdigit():
-            out[key] = int(parts[0])
+        if len(parts) > 3:
+            try:
+                got[parts[2]] = float(parts[0])
+            except ValueError:
+                pass
+    out[key] = (got.get("task-clock", 0.0) / 1e3, got.get("context-switches", 0.0),
+                got.get("raw_syscalls:sys_enter", 0.0))
+
+
+def window_messages(intervals, w0, w1):
+    """Messages completed between w0 and w1 (seconds from the loader's
+    start), from its quarter-second intervals: the run's average rate
+    times the window would be off whenever the rate moved (other work on
+    the machine), and every per-message figure with it."""
+    total, begin = 0.0, 0.0
+    for row in intervals:
+        end = row["t"]
+        overlap = min(end, w1) - max(begin, w0)
+        if overlap > 0 and end > begin:
+            total += row["messages"] * overlap / (end - begin)
+        begin = end
+    return total
 
 
 def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
+    """One run: the C server on core 0, `loader` on core 1; both measured
+    over the same window in the middle of the measured period."""
     port = next(PORTS)
     server = subprocess.Popen(["taskset", "-c", "0", c_ref, "--addr", f"127.0.0.1:{port}"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -70,8 +97,9 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
         assert line.startswith("listening on"), line
         cmd = ["taskset", "-c", "1", loader, "load", f"127.0.0.1:{port}", "--json",
                "-c", str(conns), "--pipeline", str(pipeline), "-s", "64",
-               "-d", str(duration), "--warmup", str(warmup), "--timeout", "30"]
-        # Older builds have no --interval; newer ones would print lines.
+               "-d", str(duration), "--warmup", str(warmup), "--timeout", "30",
+               "--interval", "0.25"]
+        launched = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         start, length = warmup + 1.5, duration - 2.5
         time.sleep(start)
@@ -79,8 +107,8 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
         c0 = (cpu(server.pid), cpu(p.pid))
         k0 = core_busy()
         t0 = time.monotonic()
-        threads = [threading.Thread(target=perf_syscalls, args=(pid, length, w, k))
-                   for pid, k in ((server.pid, "server_sys"), (p.pid, "load_sys"))]
+        threads = [threading.Thread(target=perf_stat, args=(pid, length, w, k))
+                   for pid, k in ((server.pid, "server"), (p.pid, "load"))]
         for t in threads:
             t.start()
         for t in threads:
@@ -93,17 +121,21 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
     finally:
         server.terminate()
         server.wait()
-    msgs = v["msgs_per_sec"] * secs
-    return {"conns": conns, "pipeline": pipeline, "ok": v["ok"],
-            "msgs_per_sec": v["msgs_per_sec"],
-            "server_util": (c1[0] - c0[0]) / secs, "load_util": (c1[1] - c0[1]) / secs,
-            "server_ns_per_msg": 1e9 * (c1[0] - c0[0]) / msgs,
-            "load_ns_per_msg": 1e9 * (c1[1] - c0[1]) / msgs,
-            "server_core_util": (k1[0] - k0[0]) / secs, "load_core_util": (k1[1] - k0[1]) / secs,
-            "server_core_ns_per_msg": 1e9 * (k1[0] - k0[0]) / msgs,
-            "load_core_ns_per_msg": 1e9 * (k1[1] - k0[1]) / msgs,
-            "server_sys_per_msg": w.get("server_sys", 0) / msgs,
-            "load_sys_per_msg": w.get("load_sys", 0) / msgs}
+    msgs = window_messages(v["intervals"], t0 - launched, t0 - launched + secs)
+    row = {"conns": conns, "pipeline": pipeline, "ok": v["ok"],
+           "msgs_per_sec": v["msgs_per_sec"], "window_msgs_per_sec": msgs / secs,
+           "server_core_util": (k1[0] - k0[0]) / secs, "load_core_util": (k1[1] - k0[1]) / secs,
+           "server_core_ns_per_msg": 1e9 * (k1[0] - k0[0]) / msgs,
+           "load_core_ns_per_msg": 1e9 * (k1[1] - k0[1]) / msgs,
+           "server_stat_ns_per_msg": 1e9 * (c1[0] - c0[0]) / msgs,
+           "load_stat_ns_per_msg": 1e9 * (c1[1] - c0[1]) / msgs}
+    for who in ("server", "load"):
+        cpu_secs, switches, syscalls = w.get(who, (0.0, 0.0, 0.0))
+        row[f"{who}_util"] = cpu_secs / secs
+        row[f"{who}_ns_per_msg"] = 1e9 * cpu_secs / msgs
+        row[f"{who}_cs_per_msg"] = switches / msgs
+        row[f"{who}_sys_per_msg"] = syscalls / msgs
+    return row
 
 
 def main():
@@ -125,14 +157,18 @@ def main():
         for name, rs in runs.items():
             med = {k: statistics.median(r[k] for r in rs)
                    for k in rs[0] if k not in ("ok", "conns", "pipeline")}
-            med.update(loader=name, conns=conns, pipeline=pipeline, ok=all(r["ok"] for r in rs))
+            med.update(loader=name, conns=conns, pipeline=pipeline, ok=all(r["ok"] for r in rs),
+                       ratios=[r["load_ns_per_msg"] / r["server_ns_per_msg"] for r in rs])
             rows.append(med)
             print(f"{name:8} c={conns:5} p={pipeline:3} {med['msgs_per_sec']:>10.0f} msg/s  "
-                  f"server {med['server_util']:.2f} core {med['server_ns_per_msg']:6.0f} ns/msg "
-                  f"{med['server_sys_per_msg']:.3f} sys/msg | load {med['load_util']:.2f} core "
-                  f"{med['load_ns_per_msg']:6.0f} ns/msg {med['load_sys_per_msg']:.3f} sys/msg || "
-                  f"cores: server {med['server_core_util']:.2f} {med['server_core_ns_per_msg']:6.0f} "
-                  f"ns/msg, load {med['load_core_util']:.2f} {med['load_core_ns_per_msg']:6.0f} ns/msg",
+                  f"server {med['server_util']:.2f} CPU {med['server_ns_per_msg']:6.0f} ns/msg "
+                  f"{med['server_sys_per_msg']:.3f} sys/msg {med['server_cs_per_msg']:.3f} cs/msg | "
+                  f"load {med['load_util']:.2f} CPU {med['load_ns_per_msg']:6.0f} ns/msg "
+                  f"{med['load_sys_per_msg']:.3f} sys/msg {med['load_cs_per_msg']:.3f} cs/msg || "
+                  f"cores: server {med['server_core_util']:.2f}, load {med['load_core_util']:.2f} "
+                  f"| load/server ns {statistics.median(med['ratios']):.3f} "
+                  f"({' '.join(f'{x:.3f}' for x in med['ratios'])}) "
+                  f"| {open('/proc/loadavg').read().split()[0]}",
                   flush=True)
     print("uptime:", open("/proc/loadavg").read().strip())
     if args.out:
