@@ -228,8 +228,8 @@ impl Worker {
             }
         }
         if completed > 0 {
-            // One clock read for everything this event completed.
-            self.completed(key, completed, Instant::now());
+            // Stamped with the events' clock, not a clock read of its own.
+            self.completed(key, completed, self.clock);
         }
     }
 
