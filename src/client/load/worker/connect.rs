@@ -76,12 +76,13 @@ impl Worker {
         match &self.plan.target {
             Target::Unix(path) => Ok(Stream::Unix(mio::net::UnixStream::connect(path)?)),
             Target::Tcp(addr) => {
+                // Non-blocking from the start (SOCK_NONBLOCK): two fcntl
+                // calls fewer per connection than setting it afterwards.
                 let socket = Socket::new(
                     Domain::for_address(*addr),
-                    Type::STREAM,
+                    Type::STREAM.nonblocking(),
                     Some(Protocol::TCP),
                 )?;
-                socket.set_nonblocking(true)?;
                 socket.set_tcp_nodelay(true)?;
                 if !self.sources.is_empty() {
                     let ip = self.sources[self.next_source % self.sources.len()];
