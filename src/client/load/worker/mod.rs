@@ -162,12 +162,13 @@ pub struct Worker {
     /// every [`CLOCK_EVERY`] events after, not once per event. Replies
     /// read and messages written while handling them are stamped with it,
     /// so a latency is the time between the clock reads just before the
-    /// message's write and just before its reply's last read: true to
+    /// message's write (in open loop the corrected latency starts at its
+    /// due time instead) and just before its reply's last read: true to
     /// within the time the loop takes to handle 16 events (about 0.1 ms
     /// on this machine, ping-pong or `--pipeline 16`), and never
-    /// negative. At 100 connections, ping-pong, a wake-up brings about a
-    /// dozen events, so this is one clock read per wake-up instead of one
-    /// per message.
+    /// negative. At 100 connections, ping-pong, a wake-up brings 7 to 12
+    /// events, so this is one clock read per wake-up instead of one per
+    /// message.
     clock: Instant,
     /// Messages completed, warm-up included (for the progress line).
     completions: u64,
