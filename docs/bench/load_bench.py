@@ -4,18 +4,21 @@
 Runs the C reference echo server (../shared/reference/epoll_echo.c) pinned
 to core 0 and one `reactor load` thread pinned to core 1, and measures both
 processes over the same window in the middle of the measured period: CPU
-(utime + stime from /proc/PID/stat) and system calls (perf stat,
-raw_syscalls:sys_enter), each divided by the messages completed in that
-window; and each pinned core's busy time from /proc/stat, which also counts
-the softirq time (TCP's receive work on loopback) that no process is
-charged for. Several loader binaries can be compared in the same run
-(alternating, so they meet the same machine).
+(`perf stat -e task-clock`, every thread), context switches and system
+calls (raw_syscalls:sys_enter), each divided by the messages completed in
+exactly that window (from the loader's quarter-second intervals); and each
+pinned core's busy time from /proc/stat, which also counts the softirq
+time (TCP's receive work on loopback) that no process is charged for.
+"load/server" is the ratio of the two processes' CPU in each run: the same
+messages divide both, so it is the steadiest figure when other work on the
+machine moves the rate. Several loader binaries can be compared in the
+same run (alternating, so they meet the same machine).
 
-    cargo build --release
+    cargo build --release && cp target/release/reactor /tmp/reactor-after
     gcc -O2 -o /tmp/epoll_echo ../shared/reference/epoll_echo.c
     flock -w 1800 /work/team/bench.lock \
-        python3 docs/bench/load_bench.py --loader after=target/release/reactor \
-            --loader before=/tmp/reactor-before --reps 3
+        python3 docs/bench/load_bench.py --loader after=/tmp/reactor-after \
+            --loader before=/tmp/reactor-before --reps 4
 
 Only ever talks to 127.0.0.1.
 """
