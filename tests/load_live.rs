@@ -233,6 +233,45 @@ fn a_stall_shows_in_corrected_latency_more_than_in_uncorrected() {
     );
 }
 
+#[test]
+fn latency_counts_the_time_a_reply_takes_with_one_clock_read_per_wake_up() {
+    // Every reply is held 20 ms. The load loop reads the clock once per
+    // wake-up (and per 16 events), not per message: a reading kept from
+    // an earlier wake-up would show these round trips as 0, one never
+    // taken again as ever longer.
+    const HOLD: Duration = Duration::from_millis(20);
+    let addr = test_server(|mut s| {
+        let mut buf = [0; 64];
+        while s.read_exact(&mut buf).is_ok() {
+            thread::sleep(HOLD);
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+    let (code, v, _) = load_full(&[
+        &addr.to_string(),
+        "-c",
+        "4",
+        "-d",
+        "1",
+        "--warmup",
+        "0.2",
+        "--interval",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    let lat = &v["latency_us"];
+    let held = HOLD.as_micros() as f64;
+    // No reply can be faster than the hold; the median of a loaded 2-core
+    // machine stays well under 25 holds (outcomes, not timings).
+    assert!(f(&lat["p50"]) >= held, "{lat}");
+    assert!(f(&lat["p50"]) < 25.0 * held, "{lat}");
+    // 4 connections, one message each per round trip of >= 20 ms.
+    let msgs = f(&v["messages"]);
+    assert!(msgs > 0.0 && msgs <= 4.0 * 1.0 / 0.020 * 1.5, "{v}");
+}
+
 /// Echoes 64-byte messages, at most `per_sec` a second over all connections.
 fn capped_echo(per_sec: f64) -> SocketAddr {
     let next = Arc::new(Mutex::new(Instant::now()));
