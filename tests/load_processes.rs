@@ -183,24 +183,31 @@ fn several_processes_report_one_merged_row_per_interval() {
     assert_eq!(out.status.code(), Some(0), "{v}");
     assert!(v["processes"].as_u64().unwrap() >= 4, "{v}");
     let rows = v["intervals"].as_array().unwrap();
-    // 2 s in 0.5 s intervals and the short last one; a process stalled
-    // past a boundary skips it, so a busy machine may show fewer.
+    // 2 s in 0.5 s intervals and the short last one; an interval every
+    // process skipped (all stalled past its end) has no row, so a busy
+    // machine may show fewer. Outcomes, not timings: when the processes
+    // opened their connections or how many messages one row holds depends
+    // on the machine; what the rows add up to does not.
     assert!(
-        (3..=7).contains(&rows.len()),
+        (2..=7).contains(&rows.len()),
         "{} intervals: {v}",
         rows.len()
     );
     let t: Vec<f64> = rows.iter().map(|r| r["t"].as_f64().unwrap()).collect();
     assert!(t.windows(2).all(|w| w[0] < w[1]), "{t:?}");
     assert!(t[0] >= 0.45 && *t.last().unwrap() >= 1.95, "{t:?}");
-    // Each row adds every process's interval: all 1,000 connections are
-    // open in it (once opened), and every message of the run is in some
-    // row, so the rows hold at least the measured messages of all of
-    // them together.
-    for r in &rows[1..] {
-        assert_eq!(r["connections_open"], 1000, "{r}");
+    // Each row adds every process's interval (one that skipped it counts
+    // with its last connections and errors): once all are open, a row
+    // holds all 1,000 connections and never more, and every message of
+    // the run is in some row, so the rows hold at least the measured
+    // messages.
+    let open: Vec<u64> = rows
+        .iter()
+        .map(|r| r["connections_open"].as_u64().unwrap())
+        .collect();
+    assert_eq!(open.iter().max(), Some(&1000), "{open:?}");
+    for r in rows {
         assert_eq!(r["errors"], 0, "{r}");
-        assert!(r["msgs_per_sec"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["latency_us"]["p99"].as_f64() >= r["latency_us"]["p50"].as_f64());
     }
     let total: u64 = rows.iter().map(|r| r["messages"].as_u64().unwrap()).sum();

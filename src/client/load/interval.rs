@@ -9,6 +9,13 @@
 //! `add`, so the percentiles are exact) and prints it once all loops have
 //! reported it, or once the loops still running have.
 //!
+//! A loop stalled past a boundary skips that interval (see [`Live::close`]).
+//! Its connections are still open and its errors still happened, and
+//! both are running totals, not counts in the interval: so for an
+//! interval a sender skipped, the collector adds the `open` and `errors`
+//! it last reported (`open` only while it still runs), and a row's totals
+//! never dip because one loop or process was late.
+//!
 //! Load processes (`processes.rs`) do the same one level up: each child
 //! merges its own loops' intervals and, instead of printing them, sends
 //! each one to the parent as one JSON line ([`Interval::to_json`],
@@ -207,13 +214,33 @@ impl Row {
     }
 }
 
+/// What the collector knows of one sender (a loop, or a load process).
+#[derive(Debug, Clone, Copy, Default)]
+struct Sender {
+    /// The last interval it reported.
+    last: Option<u32>,
+    /// It has finished: nothing more will come.
+    done: bool,
+    /// `open` and `errors` of its interval shown last: what it carries
+    /// into an interval it skipped.
+    open: u64,
+    errors: u64,
+}
+
+/// An interval some senders have reported, merged so far, and which
+/// senders those were.
+struct Pending {
+    merged: Interval,
+    from: Vec<Option<(u64, u64)>>,
+}
+
 /// The main thread's side: merges, prints, logs.
 pub struct Collector {
     every: Duration,
-    /// Per loop: the last interval it reported, and whether it has finished.
-    loops: Vec<(Option<u32>, bool)>,
-    /// Intervals some loops have reported, merged so far.
-    pending: BTreeMap<u32, Interval>,
+    /// Per loop (or load process).
+    loops: Vec<Sender>,
+    /// Intervals some loops have reported.
+    pending: BTreeMap<u32, Pending>,
     rows: Vec<Row>,
     open_loop: bool,
     hdr_log: Option<HdrLog>,
@@ -235,7 +262,7 @@ impl Collector {
     ) -> Collector {
         Collector {
             every,
-            loops: vec![(None, false); loops],
+            loops: vec![Sender::default(); loops],
             pending: BTreeMap::new(),
             rows: Vec::new(),
             open_loop,
@@ -255,18 +282,30 @@ impl Collector {
     /// Loop (or load process) `from` has finished without saying so with
     /// its last interval: nothing more is waited for from it.
     pub fn finished(&mut self, from: usize) {
-        self.loops[from].1 = true;
+        self.loops[from].done = true;
         self.flush(false);
     }
 
     /// Takes loop `from`'s interval; `last` when that loop has finished.
     /// Each loop sends its intervals in order.
     pub fn add(&mut self, from: usize, interval: Interval, last: bool) {
-        self.loops[from] = (Some(interval.index), last);
+        let sender = &mut self.loops[from];
+        sender.last = Some(interval.index);
+        sender.done = last;
+        let totals = (interval.open, interval.errors);
+        let senders = self.loops.len();
         match self.pending.get_mut(&interval.index) {
-            Some(merged) => merged.merge(&interval),
+            Some(p) => {
+                p.merged.merge(&interval);
+                p.from[from] = Some(totals);
+            }
             None => {
-                self.pending.insert(interval.index, interval);
+                let mut p = Pending {
+                    merged: interval,
+                    from: vec![None; senders],
+                };
+                p.from[from] = Some(totals);
+                self.pending.insert(p.merged.index, p);
             }
         }
         self.flush(false);
@@ -280,12 +319,27 @@ impl Collector {
             let complete = self
                 .loops
                 .iter()
-                .all(|&(last, done)| done || last.is_some_and(|l| l >= index));
+                .all(|s| s.done || s.last.is_some_and(|l| l >= index));
             if !(all || complete) {
                 return;
             }
-            let interval = entry.remove();
-            self.show(interval);
+            let Pending { mut merged, from } = entry.remove();
+            for (sender, totals) in self.loops.iter_mut().zip(from) {
+                match totals {
+                    Some((open, errors)) => (sender.open, sender.errors) = (open, errors),
+                    None => {
+                        // Skipped (stalled past the boundary) or already
+                        // gone: its running totals carry over; its
+                        // connections only while it still runs.
+                        let gone = sender.done && !sender.last.is_some_and(|l| l >= index);
+                        if !gone {
+                            merged.open += sender.open;
+                        }
+                        merged.errors += sender.errors;
+                    }
+                }
+            }
+            self.show(merged);
         }
     }
 
@@ -516,6 +570,36 @@ mod tests {
         assert!(c.finish().is_empty());
         assert!(lines.borrow().is_empty());
         assert_eq!(*sent.borrow(), [(0, 12), (1, 1)]);
+    }
+
+    #[test]
+    fn a_skipped_interval_carries_the_senders_open_and_errors() {
+        let (mut c, _) = collector(3);
+        let with = |index, open, errors| {
+            let mut iv = interval(index, 5, 100);
+            (iv.open, iv.errors) = (open, errors);
+            iv
+        };
+        for s in 0..3 {
+            c.add(s, with(0, 100, s as u64), false);
+        }
+        // Sender 1 stalls past boundary 1 and skips interval 1; sender 2
+        // ends after interval 0.
+        c.add(2, with(1, 0, 2), true);
+        c.add(0, with(1, 100, 0), false);
+        c.add(1, with(2, 100, 1), false);
+        c.add(0, with(2, 100, 0), false);
+        let rows = c.finish();
+        let totals: Vec<(u64, u64)> = rows
+            .iter()
+            .map(|r| (r.connections_open, r.errors))
+            .collect();
+        // Interval 1 counts sender 1's 100 connections and 1 error from
+        // interval 0; interval 2 counts sender 2's errors but not its
+        // connections (it has finished).
+        assert_eq!(totals, [(300, 3), (200, 3), (200, 3)]);
+        // Messages are per interval: nothing is carried.
+        assert_eq!(rows[1].messages, 10);
     }
 
     #[test]
