@@ -217,3 +217,58 @@ fn several_processes_report_one_merged_row_per_interval() {
     let lines = stderr.lines().filter(|l| l.starts_with('[')).count();
     assert_eq!(lines, rows.len(), "{stderr}");
 }
+
+#[test]
+fn rows_are_printed_during_the_run_when_a_load_process_could_not_start() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let server = Server::start(&["--log-level", "warn"]);
+    let addr = server.addr.to_string();
+    // 40 descriptors: the parent keeps two pipes per child, so starting
+    // the 20-odd-th of 30 fails with "Too many open files".
+    let script = "ulimit -n 40; exec \"$0\" load \"$@\"";
+    let mut child = Command::new("sh")
+        .args(["-c", script, bin(), &addr, "-c", "30", "--processes", "30"])
+        .args(["-d", "3", "--warmup", "0", "--interval", "0.5", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a run that hangs is killed (its children follow, their
+    // stdin closing), which ends the stderr read below.
+    let pid = child.id().to_string();
+    let (finished, watchdog) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if watchdog.recv_timeout(LOAD_LIMIT).is_err() {
+            let _ = Command::new("kill").arg(&pid).status();
+        }
+    });
+    let mut rows = Vec::new();
+    let mut refused = false;
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        refused |= line.contains("cannot start load process");
+        if line.starts_with('[') {
+            rows.push(Instant::now());
+        }
+    }
+    let _ = child.wait();
+    let _ = finished.send(());
+    let _ = guard.join();
+    assert!(
+        refused,
+        "every load process started: the test tests nothing"
+    );
+    // The processes that started are not held up by the ones that did
+    // not: their rows come as the run goes (0.5 s apart over 3 s), not
+    // all at once when it ends.
+    assert!(rows.len() >= 2, "{} rows", rows.len());
+    let spread = *rows.last().unwrap() - rows[0];
+    assert!(
+        spread >= std::time::Duration::from_secs(1),
+        "rows printed within {spread:?}"
+    );
+}

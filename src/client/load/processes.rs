@@ -201,7 +201,10 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
         None => Box::new(|line| eprintln!("{line}")),
     };
     let open_loop = args.plan.rate > 0.0 && args.plan.workload == Workload::Echo;
-    let senders = if every.is_zero() { 0 } else { count as usize };
+    // Only the children that started send intervals: waiting for one that
+    // never did would hold every row until the end. (Children are started
+    // in order, so they are 0..children.len().)
+    let senders = if every.is_zero() { 0 } else { children.len() };
     let mut collector = Collector::new(every, senders, open_loop, hdr_log, print);
     let take = |collector: &mut Collector, (i, iv): (usize, Option<Interval>)| {
         if i < senders {
