@@ -428,3 +428,47 @@ fn workers_with_metrics_print_the_metrics_line_last_and_exit_0() {
     // The endpoint closed with the listeners.
     assert!(std::net::TcpStream::connect(metrics).is_err());
 }
+
+#[test]
+fn a_worker_whose_supervisor_stops_reading_keeps_serving() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // A worker as the supervisor starts it, snapshots every millisecond
+    // (about 700 bytes each: the 64 KiB pipe is full in a tenth of a
+    // second), and nobody reading its stdout after the first line.
+    let mut worker = Command::new(common::bin())
+        .args(["serve", "--addr", "127.0.0.1:0", "--log-level", "warn"])
+        .args(["--worker-index", "0", "--snapshot-every-ms", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let leash = worker.stdin.take().unwrap();
+    let mut out = BufReader::new(worker.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let addr: std::net::SocketAddr = first
+        .strip_prefix("listening on ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{first}"));
+    // Echo goes on for 3 s, the pipe full all along: a loop blocked in
+    // the write would answer nothing (connect's read timeout fails it).
+    let started = Instant::now();
+    let mut rounds = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        let s = connect(addr);
+        let data = Arc::new(pattern(rounds, 1000));
+        assert_eq!(echo_roundtrip(&s, data.clone()), *data);
+        rounds += 1;
+    }
+    // Stopped by closing its stdin. It wrote snapshots (3 s of them would
+    // be megabytes; the pipe holds 64 KiB, or one 4 KiB page when the
+    // user's pipe quota is spent): the pipe was full while we echoed.
+    drop(leash);
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    assert!(worker.wait().unwrap().success());
+    assert!(rest.len() >= 4096, "{} bytes", rest.len());
+}

@@ -21,15 +21,15 @@
 //! In a worker of `reactor serve --workers N --metrics ...` there is no
 //! endpoint here: the supervisor serves one for all workers, and this
 //! loop writes its snapshot on stdout, a pipe to the supervisor, every
-//! `Config::snapshot_every` ([`EventLoop::send_snapshot_if_due`]).
+//! `Config::snapshot_every` ([`EventLoop::send_snapshot_if_due`]), through
+//! a writer thread so a stalled supervisor never blocks the loop.
 //!
 //! The loop's hot path only bumps integers in [`Stats`](super::Stats);
 //! gauges that would need bookkeeping on every write (queued bytes,
 //! paused connections) are counted here instead, by one walk over the
 //! connections per scrape (about 20 µs at 20,000 connections).
 
-use std::io::Write;
-
+use super::latest_line::LatestLine;
 use super::EventLoop;
 use crate::metrics::{render, Snapshot};
 use crate::protocol::Protocol;
@@ -75,10 +75,10 @@ impl<P: Protocol> EventLoop<P> {
     /// stdout when it is time. One walk over the connections and about
     /// 700 bytes of JSON, a few times a second.
     ///
-    /// The write blocks if the pipe is full, but the supervisor has a
-    /// thread that does nothing but read it, and a line shorter than
-    /// `PIPE_BUF` (4 KiB) goes into a pipe whole, never mixed with another
-    /// write. If the supervisor is gone (EPIPE), the worker stops sending.
+    /// Never blocks the loop: the line goes to a writer thread
+    /// ([`LatestLine`]) that keeps only the newest unsent one, so a
+    /// supervisor that stops reading costs snapshots, not clients. If the
+    /// supervisor is gone (EPIPE), the worker stops sending.
     pub(super) fn send_snapshot_if_due(&mut self) {
         let (Some(at), Some(every)) = (self.next_snapshot, self.config.snapshot_every) else {
             return;
@@ -86,13 +86,24 @@ impl<P: Protocol> EventLoop<P> {
         if self.now < at {
             return;
         }
+        if self.snapshot_out.is_none() {
+            match LatestLine::spawn("snapshot-out", std::io::stdout()) {
+                Ok(out) => self.snapshot_out = Some(out),
+                Err(e) => {
+                    log::warn!("cannot start the snapshot writer: {e}; no snapshots will be sent");
+                    self.next_snapshot = None;
+                    return;
+                }
+            }
+        }
         let line = format!("snapshot {}\n", self.snapshot().to_json_line());
-        let mut out = std::io::stdout().lock();
-        match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+        let out = self.snapshot_out.as_ref().expect("set above");
+        match out.send(line) {
             Ok(()) => self.next_snapshot = Some(self.now + every.as_millis() as u64),
             Err(e) => {
                 log::warn!("cannot send a snapshot to the supervisor: {e}; no more will be sent");
                 self.next_snapshot = None;
+                self.snapshot_out = None;
             }
         }
     }

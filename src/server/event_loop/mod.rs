@@ -66,6 +66,7 @@ mod accept;
 pub(crate) use accept::concerns_one_connection;
 mod broadcast;
 mod connections;
+mod latest_line;
 mod memory;
 mod metrics;
 mod shutdown;
@@ -176,6 +177,8 @@ pub(crate) struct EventLoop<P: Protocol> {
     /// In a worker whose supervisor serves `--metrics`: when (ms) to write
     /// the next `snapshot` line on stdout (see `metrics.rs`).
     next_snapshot: Option<u64>,
+    /// Where those lines go: a writer thread, started with the first.
+    snapshot_out: Option<latest_line::LatestLine>,
     signals: Signals,
     stop: StopHandle,
     conns: Slab<Connection<P::Session>>,
@@ -283,6 +286,7 @@ impl<P: Protocol> EventLoop<P> {
             // The first one right away, so a scrape soon after the start
             // already sees every worker.
             next_snapshot: config.snapshot_every.map(|_| 0),
+            snapshot_out: None,
             signals,
             stop,
             conns: Slab::new(),
