@@ -3,8 +3,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -153,17 +154,27 @@ fn rejected_and_paused_connections_show(engine: &str) {
         ) == Some(1.0)
     });
     // The held client sends and never reads: its echo fills the kernel
-    // buffers, then the server's queue, and the server pauses it.
+    // buffers, then the server's queue, and the server pauses it. It
+    // writes until the pause is seen: a timed-out write alone proves
+    // nothing, as the server's send buffer toward us grows by itself (up
+    // to `tcp_wmem`'s maximum, 4 MiB), so on a busy machine a write may
+    // time out before the server's queue passes 4096. 64 MB bounds it if
+    // the server never pauses; then the check below times out.
     let mut w = held.try_clone().unwrap();
+    let paused = Arc::new(AtomicBool::new(false));
+    let seen = paused.clone();
     let writer = thread::spawn(move || {
         let chunk = [7u8; 65536];
-        let started = Instant::now();
-        // Until the server stops reading and our send buffer fills too.
         w.set_write_timeout(Some(Duration::from_millis(500)))
             .unwrap();
-        while started.elapsed() < Duration::from_secs(60) {
-            if w.write(&chunk).is_err() {
+        for _ in 0..1024 {
+            if seen.load(Ordering::Relaxed) {
                 return;
+            }
+            match w.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => panic!("write: {e}"),
             }
         }
     });
@@ -172,6 +183,7 @@ fn rejected_and_paused_connections_show(engine: &str) {
         e.value("reactor_paused_connections", &[]) == Some(1.0)
             && e.value("reactor_queued_bytes", &[]).unwrap() > 0.0
     });
+    paused.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     drop(held);
 }
