@@ -436,9 +436,9 @@ fn workers_with_metrics_print_the_metrics_line_last_and_exit_0() {
     assert!(lines[0].starts_with("listening on udp "), "{lines:?}");
     scrape(metrics);
     server.terminate();
+    // Exited, so the endpoint closed with the listeners. (Not checked by
+    // connecting: a parallel test may bind the freed port in between.)
     assert!(server.wait().success(), "{}", server.stderr_text());
-    // The endpoint closed with the listeners.
-    assert!(std::net::TcpStream::connect(metrics).is_err());
 }
 
 #[test]
