@@ -401,6 +401,18 @@ impl Collector {
     }
 }
 
+/// Where interval lines go: above the live `bar` on a terminal (which
+/// stays at the bottom), else plain lines on stderr.
+pub fn printer(bar: Option<&indicatif::ProgressBar>) -> Box<dyn FnMut(String)> {
+    match bar {
+        Some(bar) => {
+            let bar = bar.clone();
+            Box::new(move |line| bar.println(line))
+        }
+        None => Box::new(|line| eprintln!("{line}")),
+    }
+}
+
 /// A latency in µs, shortened for a progress line.
 fn short(us: f64) -> String {
     if us >= 100.0 {

@@ -85,6 +85,14 @@ pub struct Plan {
     pub interval: Duration,
 }
 
+impl Plan {
+    /// Open loop: echo messages sent on a schedule (`--rate`), latency
+    /// counted from when each was due. Every other run is closed loop.
+    pub fn open_loop(&self) -> bool {
+        self.rate > 0.0 && self.workload == Workload::Echo
+    }
+}
+
 /// Counters the loops bump and the progress line reads.
 #[derive(Debug)]
 pub struct Progress {
@@ -189,7 +197,7 @@ pub fn run(mut args: Options) -> ExitCode {
     }
     let connections = args.plan.connections;
     let workload = args.plan.workload;
-    let open_loop = args.plan.rate > 0.0 && workload == Workload::Echo;
+    let open_loop = args.plan.open_loop();
     let outcome = run_loops(
         Arc::new(args.plan),
         args.threads,
@@ -271,8 +279,7 @@ pub fn run_share(
                 Ok(chat::ChatLoop::new(p, q, Some((to_collector, 0)))?.run())
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;
-        let loops = (1, vec![handle]);
-        let (rows, result) = watch(&plan, &progress, hdr_log, intervals, loops, forward)?;
+        let (rows, result) = watch(&plan, &progress, hdr_log, intervals, vec![handle], forward)?;
         let (tally, counts) = result.into_iter().next().expect("one loop");
         return Ok((tally, rows, Some(counts)));
     }
@@ -304,14 +311,7 @@ pub fn run_share(
         }
     }
     drop(to_collector);
-    let (rows, tallies) = watch(
-        &plan,
-        &progress,
-        hdr_log,
-        intervals,
-        (threads as usize, handles),
-        forward,
-    )?;
+    let (rows, tallies) = watch(&plan, &progress, hdr_log, intervals, handles, forward)?;
     let mut tally = Tally::default();
     for t in tallies {
         tally.merge(t);
@@ -319,14 +319,15 @@ pub fn run_share(
     Ok((tally, rows, None))
 }
 
-/// While the loops run: collects and prints their intervals, draws the
-/// bar; then joins them and returns the rows and each loop's result.
+/// While the loops (one per handle, numbered as the handles are) run:
+/// collects and prints their intervals, draws the bar; then joins them and
+/// returns the rows and each loop's result.
 fn watch<T>(
     plan: &Plan,
     progress: &Progress,
     hdr_log: Option<&Path>,
     intervals: mpsc::Receiver<(usize, interval::Interval, bool)>,
-    (loops, handles): (usize, Vec<thread::JoinHandle<std::io::Result<T>>>),
+    handles: Vec<thread::JoinHandle<std::io::Result<T>>>,
     forward: Option<interval::Forward>,
 ) -> Result<(Vec<interval::Row>, Vec<T>), String> {
     let hdr_log = match hdr_log {
@@ -337,17 +338,14 @@ fn watch<T>(
         None => None,
     };
     let bar = progress_bar();
-    let print: Box<dyn FnMut(String)> = match &bar {
-        // Lines go above the bar, which stays at the bottom.
-        Some(bar) => {
-            let bar = bar.clone();
-            Box::new(move |line| bar.println(line))
-        }
-        None => Box::new(|line| eprintln!("{line}")),
+    let print = interval::printer(bar.as_ref());
+    let loops = if plan.interval.is_zero() {
+        0
+    } else {
+        handles.len()
     };
-    let loops = if plan.interval.is_zero() { 0 } else { loops };
-    let open_loop = plan.rate > 0.0 && plan.workload == Workload::Echo;
-    let mut collector = interval::Collector::new(plan.interval, loops, open_loop, hdr_log, print);
+    let mut collector =
+        interval::Collector::new(plan.interval, loops, plan.open_loop(), hdr_log, print);
     if let Some(forward) = forward {
         collector = collector.forwarding(forward);
     }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::interval::{Collector, HdrLog, Interval};
+use super::interval::{self, Collector, HdrLog, Interval};
 use super::merge::{part, tally_from_json, tally_json};
 use super::report::{Failure, Report, Tally};
 use super::{process_ids, run_share, Options, Progress, Workload};
@@ -193,14 +193,8 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
     let bar = terminal.then(indicatif::ProgressBar::new_spinner);
     let (mut last_open, mut last_msgs, mut last_at) = (0u64, 0u64, Instant::now());
     let every = args.plan.interval;
-    let print: Box<dyn FnMut(String)> = match &bar {
-        Some(bar) => {
-            let bar = bar.clone();
-            Box::new(move |line| bar.println(line))
-        }
-        None => Box::new(|line| eprintln!("{line}")),
-    };
-    let open_loop = args.plan.rate > 0.0 && args.plan.workload == Workload::Echo;
+    let print = interval::printer(bar.as_ref());
+    let open_loop = args.plan.open_loop();
     // Only the children that started send intervals: waiting for one that
     // never did would hold every row until the end. (Children are started
     // in order, so they are 0..children.len().)
@@ -319,7 +313,7 @@ pub fn run_parent(args: Options, count: u32) -> ExitCode {
         settings: args.settings,
         connections: u64::from(connections),
         udp: args.udp.is_some(),
-        open_loop: args.plan.rate > 0.0 && args.plan.workload == Workload::Echo,
+        open_loop,
         intervals: rows,
         extra,
         tally,
