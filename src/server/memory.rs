@@ -12,6 +12,11 @@
 //!   fallen to three quarters of the cap, waiting connections go again in
 //!   the order they began to wait, as many as the room allows, so nobody
 //!   waits behind a newer arrival and nobody starves;
+//! - [`MemoryCap::tidy`]: entries of connections that closed (or stopped
+//!   waiting) while queued are dropped once they could outnumber the live
+//!   connections, so a client that connects, writes until it waits and
+//!   closes, over and over while others hold the cap, cannot grow the
+//!   queue without bound;
 //! - [`biggest`]: which client chat drops at the cap.
 
 use std::collections::VecDeque;
@@ -26,6 +31,10 @@ pub const MIN_READ: usize = 4096;
 /// The room one woken connection is reckoned to take: one read's worth of
 /// input and its queue's growth slack.
 pub const PER_READER: usize = SCRATCH + GROWTH_SLACK;
+
+/// Below this many entries the waiting queue is never tidied: a few stale
+/// entries are cheaper to skip in [`MemoryCap::resume`] than to sweep for.
+const TIDY_FLOOR: usize = 64;
 
 /// The running count of bytes held for clients under `--max-memory`, and
 /// the connections (named by `T`: a token or a tag) waiting for room.
@@ -102,6 +111,29 @@ impl<T: Copy> MemoryCap<T> {
                 room = room.saturating_sub(PER_READER);
             }
         }
+    }
+
+    /// Drops the stale entries (connections closed, or no longer waiting)
+    /// once the queue holds more than `2 × live + TIDY_FLOOR` entries
+    /// (`live`: connections open; each waits in the queue at most once).
+    /// `keep` says whether an entry still names a waiting connection; the
+    /// engine undoes its own "queued" mark for a live one it answers false
+    /// for. Stale entries are otherwise only popped by [`MemoryCap::resume`],
+    /// which does nothing while the cap is held, so without this the queue
+    /// would grow by one entry per client that waited and closed. Each tidy
+    /// removes at least half of what it scans: O(1) per entry over time.
+    /// Returns how many entries were dropped.
+    pub fn tidy(&mut self, live: usize, mut keep: impl FnMut(T) -> bool) -> usize {
+        let bound = live.saturating_mul(2).saturating_add(TIDY_FLOOR);
+        if self.waiting.len() <= bound {
+            return 0;
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|&who| keep(who));
+        if self.waiting.capacity() > 2 * self.waiting.len() + TIDY_FLOOR {
+            self.waiting.shrink_to(self.waiting.len() + TIDY_FLOOR);
+        }
+        before - self.waiting.len()
     }
 
     /// Debug builds: the running count equals the sum it stands for.
@@ -200,6 +232,42 @@ mod tests {
         });
         assert_eq!(woken, vec![2], "one, though the cap is below a read");
         assert_eq!(m.waiting(), 2);
+    }
+
+    #[test]
+    fn stale_entries_are_tidied_while_the_cap_is_held() {
+        // A few connections hold the cap; others connect, wait and close,
+        // round after round. `resume` pops nothing while the cap is held,
+        // so only `tidy` keeps the queue bounded.
+        let cap = 16 * PER_READER;
+        let mut m = MemoryCap::new(cap);
+        m.recount(0, cap);
+        let holders = [1u32, 2, 3];
+        for &t in &holders {
+            m.wait(t);
+        }
+        for round in 100..100_000u32 {
+            m.wait(round);
+            // Open now: the holders, and this round's client (it closes
+            // right after).
+            let live = |t: u32| holders.contains(&t) || t == round;
+            m.resume(|_| unreachable!("the cap is held"));
+            m.tidy(holders.len() + 1, live);
+            assert!(m.waiting() <= 2 * (holders.len() + 1) + TIDY_FLOOR + 1);
+        }
+        // The live waiters are still queued, in their order.
+        let kept: Vec<u32> = m.waiting.iter().copied().filter(|t| *t < 100).collect();
+        assert_eq!(kept, holders);
+    }
+
+    #[test]
+    fn a_small_queue_is_not_tidied() {
+        let mut m = MemoryCap::new(PER_READER);
+        for t in 0..10u32 {
+            m.wait(t);
+        }
+        assert_eq!(m.tidy(0, |_| panic!("not scanned")), 0);
+        assert_eq!(m.waiting(), 10);
     }
 
     #[test]

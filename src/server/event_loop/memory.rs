@@ -119,6 +119,23 @@ impl<P: Protocol> EventLoop<P> {
         }
     }
 
+    /// Drops the waiting queue's entries of connections closed (or no
+    /// longer waiting) since they joined, once they could outnumber the
+    /// live ones (see [`MemoryCap::tidy`]).
+    pub(super) fn tidy_waiting(&mut self) {
+        let conns = &self.conns;
+        let dropped = self.memory.tidy(conns.len(), |token| {
+            connection_key(token).is_some_and(|(key, generation)| {
+                conns
+                    .get(key)
+                    .is_some_and(|c| c.generation == generation && c.state == State::Waiting)
+            })
+        });
+        if dropped > 0 {
+            log::debug!("memory: tidied {dropped} stale entries of the waiting queue");
+        }
+    }
+
     /// Chat at the cap: closes the client with the most queued output.
     /// Returns false when the count is within the cap (nothing to do).
     pub(super) fn drop_largest_over_cap(&mut self) -> bool {

@@ -66,6 +66,7 @@ impl<P: Protocol> EventLoop<P> {
         if dropped > 0 {
             log::debug!("timers: tidied {dropped} entries of closed connections");
         }
+        self.tidy_waiting();
         let idle = self.config.idle_timeout.map(|d| d.as_millis() as u64);
         let linger = LINGER.as_millis() as u64;
         while let Some(token) = self.timers.pop_due(self.now) {

@@ -222,6 +222,7 @@ impl<P: Protocol> Engine<P> {
             // Clients past their request deadline.
             m.expire(self.now);
         }
+        self.tidy_waiting();
         while let Some(token) = self.timers.pop_due(self.now) {
             let Some(key) = self.live(token.0 as u64) else {
                 continue;

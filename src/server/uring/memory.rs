@@ -102,6 +102,29 @@ impl<P: Protocol> Engine<P> {
         self.woken = woken;
     }
 
+    /// Drops the waiting queue's entries of connections closed (or no
+    /// longer waiting) since they joined, once they could outnumber the
+    /// live ones (see [`MemoryCap::tidy`]). A live connection whose entry
+    /// goes is no longer [`flag::IN_LINE`]: it queues again if it waits.
+    pub(super) fn tidy_waiting(&mut self) {
+        let conns = &mut self.conns;
+        let live = conns.len();
+        let dropped = self.memory.tidy(live, |tag| {
+            let (key, generation) = key_of(tag);
+            let Some(conn) = conns.get_mut(key).filter(|c| c.generation == generation) else {
+                return false;
+            };
+            if conn.has(flag::MEMORY_WAIT) {
+                return true;
+            }
+            conn.flags &= !flag::IN_LINE;
+            false
+        });
+        if dropped > 0 {
+            log::debug!("memory: tidied {dropped} stale entries of the waiting queue");
+        }
+    }
+
     /// Chat at the cap: closes the client holding the most. Returns false
     /// when the count is within the cap (nothing to do).
     pub(super) fn drop_largest_over_cap(&mut self) -> bool {
