@@ -67,8 +67,13 @@ pub struct Out {
     pub waiting: Batch,
     /// Its length in bytes.
     pub waiting_len: usize,
+    /// What `waiting`'s chunks occupy ([`Chunk::held`]: owned ones by
+    /// capacity).
+    pub waiting_held: usize,
     /// Bytes of the one send in flight (0: none).
     pub flying: usize,
+    /// What the send in flight's chunks occupy.
+    pub flying_held: usize,
     /// Input that arrived after receiving was paused (the receive was
     /// already under way), fed to the protocol once output drains.
     pub stash: Vec<u8>,
@@ -80,10 +85,13 @@ impl Out {
         self.waiting_len + self.flying
     }
 
-    /// Bytes held for this client, counted against `--max-memory`: its
-    /// output (queued or in flight) and its held input.
+    /// Bytes held for this client, counted against `--max-memory`: what
+    /// its output (queued or in flight) and its held input occupy. Owned
+    /// buffers count by capacity, as in the readiness engine's
+    /// `OutQueue::footprint`: a recycled buffer may hold 64 KiB for a
+    /// 4 KiB echo, and a grown one carries slack.
     pub fn footprint(&self) -> usize {
-        self.queued() + self.stash.len()
+        self.waiting_held + self.flying_held + self.stash.capacity()
     }
 
     /// True when nothing is queued, in flight or held.
@@ -183,7 +191,9 @@ impl Spare {
             out.waiting.chunks.clear();
             out.waiting.head = 0;
             out.waiting_len = 0;
+            out.waiting_held = 0;
             out.flying = 0;
+            out.flying_held = 0;
             out.stash = Vec::new();
             self.outs.push(out);
         }
@@ -223,6 +233,7 @@ pub fn queue_shared(
         return false;
     }
     o.waiting_len += chunk.len();
+    o.waiting_held += chunk.len();
     o.waiting.chunks.push(Chunk::Shared(chunk));
     mark_dirty(flags)
 }
@@ -270,11 +281,14 @@ impl Outbox for UringOutbox<'_> {
         // chunk while it is small.
         match o.waiting.chunks.last_mut() {
             Some(Chunk::Owned(v)) if v.len() + bytes.len() <= OWNED_CHUNK_MAX => {
-                v.extend_from_slice(bytes)
+                let before = v.capacity();
+                v.extend_from_slice(bytes);
+                o.waiting_held = o.waiting_held + v.capacity() - before;
             }
             _ => {
                 let mut v = self.spare.vec();
                 v.extend_from_slice(bytes);
+                o.waiting_held += v.capacity();
                 o.waiting.chunks.push(Chunk::Owned(v));
             }
         }
@@ -353,6 +367,43 @@ mod tests {
         let o = out.unwrap();
         assert_eq!(o.waiting.chunks.len(), 1);
         assert_eq!(o.waiting.chunks[0].bytes(), b"helloworld");
+    }
+
+    #[test]
+    fn owned_output_counts_by_capacity() {
+        let (mut out, mut flags, mut phase) = (None, 0, Phase::Open);
+        let (mut b, mut dirty, mut spare) = (Vec::new(), Vec::new(), Spare::default());
+        // A recycled buffer from an earlier 64 KiB send.
+        spare.put_batch(Batch {
+            chunks: vec![Chunk::Owned(vec![0; OWNED_CHUNK_MAX])],
+            head: 0,
+        });
+        let mut ob = UringOutbox {
+            tag: 7,
+            out: &mut out,
+            flags: &mut flags,
+            phase: &mut phase,
+            limit: 1 << 20,
+            broadcasts: &mut b,
+            dirty: &mut dirty,
+            spare: &mut spare,
+        };
+        ob.reply(&[1; 4096]);
+        ob.reply(&[2; 100]);
+        let o = out.as_mut().unwrap();
+        assert_eq!(o.queued(), 4196);
+        assert_eq!(o.footprint(), OWNED_CHUNK_MAX, "the buffer it occupies");
+        assert_eq!(o.waiting_held, o.waiting.held(), "running sum");
+        queue_shared(
+            &mut out,
+            &mut flags,
+            Rc::from(&b"xyz"[..]),
+            1 << 20,
+            &mut spare,
+        );
+        let o = out.as_ref().unwrap();
+        assert_eq!(o.footprint(), OWNED_CHUNK_MAX + 3);
+        assert_eq!(o.waiting_held, o.waiting.held(), "running sum");
     }
 
     #[test]

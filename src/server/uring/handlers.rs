@@ -248,6 +248,7 @@ impl<P: Protocol> Engine<P> {
         };
         let before = o.footprint();
         o.flying = 0;
+        o.flying_held = 0;
         match result {
             Ok(n) => {
                 self.stats.bytes_out += n as u64;
@@ -258,6 +259,7 @@ impl<P: Protocol> Engine<P> {
                     batch.consume(n);
                     let later = std::mem::take(&mut o.waiting);
                     o.waiting_len += batch.len();
+                    o.waiting_held += batch.held();
                     batch.chunks.extend(later.chunks);
                     o.waiting = std::mem::take(&mut batch);
                 }
@@ -448,7 +450,9 @@ impl<P: Protocol> Engine<P> {
             }
             let batch = std::mem::take(&mut o.waiting);
             o.flying = o.waiting_len;
+            o.flying_held = o.waiting_held;
             o.waiting_len = 0;
+            o.waiting_held = 0;
             self.ring.send(conn.fd.as_fd(), batch, tag)?;
         }
         dirty.clear();

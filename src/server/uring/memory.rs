@@ -9,8 +9,10 @@
 //! in flight, and input held back while it was paused. Every place that
 //! changes one adjusts the count ([`Engine::recount`]): a receive, a send
 //! completion, a broadcast delivery, an accept (a greeting), a close.
-//! Bytes are counted by length; a chat line shared by 1,000 recipients
-//! counts once in each queue that holds it, as in the readiness engine
+//! Owned buffers count by capacity, as in the readiness engine (a recycled
+//! buffer may hold 64 KiB for a 4 KiB echo; a grown one carries slack),
+//! held input by its buffer's capacity; a chat line shared by 1,000
+//! recipients counts its length once in each queue that holds it
 //! (`event_loop/memory.rs` says why that is the right over-count).
 //!
 //! # At the cap

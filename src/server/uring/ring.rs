@@ -102,6 +102,15 @@ impl Chunk {
             Chunk::Shared(r) => r,
         }
     }
+
+    /// What it occupies, counted against `--max-memory`: an owned buffer
+    /// by capacity, a shared one by length (once per holder).
+    pub fn held(&self) -> usize {
+        match self {
+            Chunk::Owned(v) => v.capacity(),
+            Chunk::Shared(r) => r.len(),
+        }
+    }
 }
 
 /// Output handed to one send: `chunks` in order, the first from byte
@@ -118,6 +127,11 @@ impl Batch {
     /// Bytes still to send.
     pub fn len(&self) -> usize {
         self.chunks.iter().map(|c| c.bytes().len()).sum::<usize>() - self.head
+    }
+
+    /// What its chunks occupy (see [`Chunk::held`]).
+    pub fn held(&self) -> usize {
+        self.chunks.iter().map(Chunk::held).sum()
     }
 
     /// Drops `n` sent bytes from the front.
