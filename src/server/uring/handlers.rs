@@ -9,7 +9,8 @@ use std::os::fd::AsFd;
 use super::conn::{flag, queue_shared, GoneOutbox, Phase};
 use super::ring::{Batch, RecvBuf};
 use super::{tag_of, Engine, LINGER};
-use crate::protocol::Protocol;
+use crate::protocol::{AtMemoryCap, Protocol};
+use crate::server::memory::MIN_READ;
 use crate::server::CloseReason;
 
 impl<P: Protocol> Engine<P> {
@@ -34,11 +35,10 @@ impl<P: Protocol> Engine<P> {
         let before = self.conns[key].footprint();
         match result {
             Ok(Some(buf)) => {
-                let was_empty = self.conns[key].queued() == 0;
                 self.on_bytes(key, &buf);
                 self.ring.recycle(buf);
                 self.recount(key, before);
-                self.wait_if_no_room(key, was_empty);
+                self.wait_if_no_room(key);
                 return self.settle(key);
             }
             // Ok(None): EOF, the peer closed its side. It may still read
@@ -296,9 +296,9 @@ impl<P: Protocol> Engine<P> {
         }
         let conn = &mut self.conns[key];
         if conn.has(flag::MEMORY_WAIT) && P::MIRRORS_INPUT && conn.queued() == 0 {
-            // Waiting for memory with nothing queued: served one receive
-            // at a time meanwhile (see `memory.rs`); its place in the line
-            // is kept.
+            // Waiting for memory with its echo sent: served one receive
+            // of a read's worth at a time meanwhile (see `memory.rs`); its
+            // place in the line is kept.
             log::trace!("[conn {key}] nothing queued: receiving at the memory cap");
             conn.flags &= !flag::MEMORY_WAIT;
         }
@@ -336,7 +336,16 @@ impl<P: Protocol> Engine<P> {
         }
         let tag = tag_of(key, conn.generation);
         if wants_input && !conn.has(flag::RECV_ARMED) {
-            if let Err(e) = self.ring.recv_multi(conn.fd.as_fd(), tag) {
+            // At the cap (a client with nothing queued, or one accepted
+            // meanwhile): one receive of a read's worth, not a multishot
+            // one, whose completions already in the queue would all be
+            // served before a cancel lands (see `memory.rs`).
+            let armed = if P::AT_MEMORY_CAP == AtMemoryCap::Pause && self.memory.room() < MIN_READ {
+                self.ring.recv_once(conn.fd.as_fd(), tag, MIN_READ as u32)
+            } else {
+                self.ring.recv_multi(conn.fd.as_fd(), tag)
+            };
+            if let Err(e) = armed {
                 log::warn!("[conn {key}] cannot arm a receive: {e}");
                 return self.close(key, CloseReason::Error);
             }

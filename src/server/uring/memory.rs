@@ -21,15 +21,22 @@
 //!   bytes arrived: a connection whose input left less than a read's room
 //!   is marked [`flag::MEMORY_WAIT`], its multishot receive is cancelled
 //!   (as for `--max-buffer`) and it joins the queue. What was already
-//!   received is still served: the overshoot is what one wake-up brought,
-//!   which the receive pool bounds. Once the count has fallen to three
-//!   quarters of the cap, waiting connections are re-armed oldest first,
-//!   as many as the room allows ([`MemoryCap::resume`]), so nobody starves.
-//!   The bytes a waiting client still sends stay in the kernel, against its
-//!   TCP window. A client with nothing queued is still served at the cap
-//!   when the protocol [mirrors its input](Protocol::MIRRORS_INPUT): it may
-//!   have one receive's echo in flight at a time (the readiness engine
-//!   peeks and writes back instead; a completion has no peek), so a
+//!   received is still served: the overshoot is what the multishot
+//!   receives armed before the cap brought in that wake-up, which the
+//!   receive pool bounds. Once the count has fallen to three quarters of
+//!   the cap, waiting connections are re-armed oldest first, as many as
+//!   the room allows ([`MemoryCap::resume`]), so nobody starves. The bytes
+//!   a waiting client still sends stay in the kernel, against its TCP
+//!   window. Any receive armed while the room is below a read (a client
+//!   accepted at the cap, or one served there) is a single receive of at
+//!   most [`MIN_READ`] bytes, not a multishot one: a multishot receive
+//!   re-armed at the cap would queue every completion already in the
+//!   completion queue before its cancel landed, up to the whole pool.
+//!   A client is still served at the cap when the protocol
+//!   [mirrors its input](Protocol::MIRRORS_INPUT): it waits only until its
+//!   echo is sent, then receives once more, so it has at most one
+//!   [`MIN_READ`] receive's echo queued at a time (the readiness engine
+//!   peeks and writes back instead; a completion has no peek), and a
 //!   well-behaved client keeps its service while others hold the memory.
 //! - `DropLargest` (chat): after each delivery, while the count is over
 //!   the cap, the client holding the most is closed as a slow consumer.
@@ -52,16 +59,14 @@ impl<P: Protocol> Engine<P> {
 
     /// After input was handed to the protocol: if all connections together
     /// leave less than a read's room, this one stops receiving and waits
-    /// its turn. `was_empty`: nothing was queued before this input.
-    pub(super) fn wait_if_no_room(&mut self, key: usize, was_empty: bool) {
+    /// its turn (a mirroring client only until its echo is sent: see the
+    /// module docs).
+    pub(super) fn wait_if_no_room(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         if P::AT_MEMORY_CAP != AtMemoryCap::Pause
             || conn.phase != Phase::Open
             || conn.has(flag::MEMORY_WAIT | flag::READ_CLOSED)
             || self.memory.room() >= MIN_READ
-            // A mirroring client with nothing queued before: one echo in
-            // flight at a time, even at the cap (see the module docs).
-            || (P::MIRRORS_INPUT && was_empty)
         {
             return;
         }

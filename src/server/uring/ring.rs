@@ -506,6 +506,23 @@ impl Ring {
         unsafe { self.push(e) }
     }
 
+    /// Arms one receive of at most `max` bytes on `fd` into the buffer
+    /// pool: a single completion (without `more`), the rest of the input
+    /// left in the socket. For a client served at `--max-memory`, where a
+    /// multishot receive would queue everything already arrived.
+    pub fn recv_once(&mut self, fd: BorrowedFd<'_>, tag: u64, max: u32) -> io::Result<()> {
+        // With a selected buffer, the length caps what the kernel takes
+        // from it (for an incremental buffer, what it consumes).
+        let e = opcode::Recv::new(Fd(fd.as_raw_fd()), std::ptr::null_mut(), max)
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(RECV << KIND_SHIFT | tag);
+        // SAFETY: as for `recv_multi`: the kernel writes only into a pool
+        // buffer it took from the ring.
+        unsafe { self.push(e) }
+    }
+
     /// Sends `batch` on `fd`. It comes back in [`Event::Sent`].
     pub fn send(&mut self, fd: BorrowedFd<'_>, batch: Batch, tag: u64) -> io::Result<()> {
         let entry = self.flights.vacant_entry();
@@ -860,6 +877,35 @@ mod tests {
         assert!(!first.last && !second.last, "the buffer is not used up");
         ring.recycle(first);
         ring.recycle(second);
+    }
+
+    #[test]
+    fn a_single_receive_takes_at_most_its_length_and_ends() {
+        let Some(mut ring) = two_buffer_ring() else {
+            return;
+        };
+        let (mut a, b) = UnixStream::pair().unwrap();
+        a.write_all(&[7; 3000]).unwrap();
+        ring.recv_once(b.as_fd(), 1, 1000).unwrap();
+        let mut events = Vec::new();
+        while events.is_empty() {
+            ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+            ring.complete(&mut events, 8);
+        }
+        assert_eq!(events.len(), 1);
+        let Event::Received { tag, result, more } = events.pop().unwrap() else {
+            panic!("not a receive");
+        };
+        let buf = result.unwrap().unwrap();
+        assert_eq!((tag, ring.bytes(&buf).len(), more), (1, 1000, false));
+        ring.recycle(buf);
+        // The rest is still in the socket, and nothing more completes.
+        ring.submit().unwrap();
+        ring.complete(&mut events, 8);
+        assert!(events.is_empty(), "{events:?}");
+        b.set_nonblocking(true).unwrap();
+        let mut rest = vec![0; 4096];
+        assert_eq!(std::io::Read::read(&mut &b, &mut rest).unwrap(), 2000);
     }
 
     #[test]
