@@ -26,7 +26,15 @@ impl<P: Protocol> Engine<P> {
         };
         endpoint.serve(self.now, &mut || render(&[(0, self.snapshot())]));
         endpoint.expire(self.now);
-        self.ring.poll_readable(&endpoint, METRICS)?;
+        // Only the ring itself or a listener failing may end the loop:
+        // an endpoint that cannot be watched again is given up.
+        if let Err(e) = self.ring.poll_readable(&endpoint, METRICS) {
+            log::warn!("--metrics: cannot watch the endpoint again ({e}); closing it");
+            // Nothing is armed on it (the one-shot poll fired, and this
+            // one never reached the ring): it may close now.
+            drop(endpoint);
+            return Ok(());
+        }
         self.metrics = Some(endpoint);
         Ok(())
     }
