@@ -172,10 +172,14 @@ impl<P: Protocol> Engine<P> {
             self.closing.push(l.into());
         }
         // The endpoint's poll holds its `Poll` open until cancelled; its
-        // clients and listener close now.
+        // clients and listener close now. The `Poll`'s own descriptor stays
+        // open until the cancel is submitted (see `run`): a poll re-armed
+        // earlier in this batch names it by number, and the kernel takes
+        // its own reference only at submission.
         if let Some(mut m) = self.metrics.take() {
             self.ring.cancel_poll(super::METRICS)?;
             m.close_all();
+            self.retired = Some(m);
         }
         // Dropping the socket file (after the listener) removes it.
         if let Some((l, file)) = self.unix.take() {

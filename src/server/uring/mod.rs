@@ -155,6 +155,9 @@ pub struct Engine<P: Protocol> {
     broadcasts: Vec<Broadcast>,
     /// Descriptors to close once the cancels for them are submitted.
     closing: Vec<OwnedFd>,
+    /// The `--metrics` endpoint after shutdown closed it, kept (its
+    /// `Poll`'s descriptor open) until its poll's cancel is submitted.
+    retired: Option<Endpoint>,
     spare: Spare,
     /// Bytes held for all clients under `--max-memory`, and the
     /// connections (by tag) waiting for room; see `memory.rs`.
@@ -244,6 +247,7 @@ pub fn new_engine<P: Protocol>(
         dirty: Vec::new(),
         broadcasts: Vec::new(),
         closing: Vec::new(),
+        retired: None,
         spare: Spare::default(),
         memory: MemoryCap::new(config.max_memory),
         woken: Vec::new(),
@@ -274,12 +278,13 @@ impl<P: Protocol> Engine<P> {
     /// Runs until a signal's graceful shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
         loop {
-            if !self.closing.is_empty() {
+            if !self.closing.is_empty() || self.retired.is_some() {
                 // The cancels for these sockets must reach the kernel while
                 // the descriptors still name them; closing them now rather
                 // than after the wait lets the clients see the close now.
                 self.ring.submit()?;
                 self.closing.clear();
+                self.retired = None;
             }
             let timeout = self.wait_timeout();
             self.ring.submit_and_wait(timeout)?;

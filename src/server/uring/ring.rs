@@ -573,9 +573,11 @@ impl Ring {
         pushed
     }
 
-    /// Arms a one-shot poll for input on `fd` (a raw descriptor will do:
-    /// a poll names no memory, and the kernel holds its own reference to
-    /// the file until the poll completes or is cancelled).
+    /// Arms a one-shot poll for input on `fd`. The entry names `fd` by
+    /// number: it must stay open until the entry is submitted (the next
+    /// [`Ring::submit`] or [`Ring::submit_and_wait`]); from then on the
+    /// kernel holds its own reference to the file until the poll completes
+    /// or is cancelled. A poll names no memory.
     pub fn poll_readable(&mut self, fd: &impl AsRawFd, tag: u64) -> io::Result<()> {
         let e = opcode::PollAdd::new(Fd(fd.as_raw_fd()), libc::POLLIN as u32)
             .build()
