@@ -17,9 +17,11 @@
 //!   connections, so a client that connects, writes until it waits and
 //!   closes, over and over while others hold the cap, cannot grow the
 //!   queue without bound;
-//! - [`biggest`]: which client chat drops at the cap.
+//! - [`MemoryCap::victim`]: which client chat drops at the cap, if the
+//!   count is over it.
 
 use std::collections::VecDeque;
+use std::fmt::Display;
 
 use crate::buffer::GROWTH_SLACK;
 use crate::net::ready::SCRATCH;
@@ -38,7 +40,7 @@ const TIDY_FLOOR: usize = 64;
 
 /// The running count of bytes held for clients under `--max-memory`, and
 /// the connections (named by `T`: a token or a tag) waiting for room.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryCap<T> {
     used: usize,
     cap: usize,
@@ -134,6 +136,28 @@ impl<T: Copy> MemoryCap<T> {
             self.waiting.shrink_to(self.waiting.len() + TIDY_FLOOR);
         }
         before - self.waiting.len()
+    }
+
+    /// Chat at the cap: of `(who, bytes held)`, the one holding the most,
+    /// if the count is over the cap and anyone holds anything; logged as
+    /// the slow consumer it is (`name` says who it is, for the log). The
+    /// engine closes it.
+    pub fn victim<K, D: Display>(
+        &self,
+        held: impl Iterator<Item = (K, usize)>,
+        name: impl FnOnce(&K) -> D,
+    ) -> Option<(K, usize)> {
+        if !self.over() {
+            return None;
+        }
+        let (who, bytes) = biggest(held)?;
+        log::warn!(
+            "[{}] slow consumer: {} bytes queued in all passed --max-memory; \
+             disconnecting the biggest reader ({bytes} bytes)",
+            name(&who),
+            self.used
+        );
+        Some((who, bytes))
     }
 
     /// Debug builds: the running count equals the sum it stands for.
@@ -268,6 +292,16 @@ mod tests {
         }
         assert_eq!(m.tidy(0, |_| panic!("not scanned")), 0);
         assert_eq!(m.waiting(), 10);
+    }
+
+    #[test]
+    fn nobody_is_a_victim_within_the_cap() {
+        let mut m = MemoryCap::<u32>::new(100);
+        m.recount(0, 100);
+        let held = || [(1, 40), (2, 60)].into_iter();
+        assert_eq!(m.victim(held(), |k| *k), None);
+        m.recount(0, 1);
+        assert_eq!(m.victim(held(), |k| *k), Some((2, 60)));
     }
 
     #[test]

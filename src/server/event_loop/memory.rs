@@ -47,7 +47,6 @@ use crate::net::io::attempt;
 use crate::net::ready::SCRATCH;
 use crate::protocol::{AtMemoryCap, Protocol};
 use crate::server::connection::{write_now, CloseReason, State};
-use crate::server::memory::biggest;
 use crate::server::token::{connection_key, connection_token, TokenName};
 
 #[cfg(doc)]
@@ -139,24 +138,18 @@ impl<P: Protocol> EventLoop<P> {
     /// Chat at the cap: closes the client with the most queued output.
     /// Returns false when the count is within the cap (nothing to do).
     pub(super) fn drop_largest_over_cap(&mut self) -> bool {
-        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest || !self.memory.over() {
+        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest {
             return false;
         }
-        let held = self
-            .conns
+        let conns = &self.conns;
+        let held = conns
             .iter()
             .filter(|(_, c)| !c.state.is_closing())
             .map(|(k, c)| (k, c.footprint()));
-        let Some((key, bytes)) = biggest(held) else {
+        let name = |&key: &usize| TokenName(connection_token(key, conns[key].generation));
+        let Some((key, _)) = self.memory.victim(held, name) else {
             return false;
         };
-        let token = connection_token(key, self.conns[key].generation);
-        log::warn!(
-            "[{}] slow consumer: {} bytes queued in all passed --max-memory; \
-             disconnecting the biggest reader ({bytes} bytes)",
-            TokenName(token),
-            self.memory.used()
-        );
         self.close(key, CloseReason::SlowConsumer);
         true
     }

@@ -44,7 +44,7 @@
 use super::conn::{flag, Phase};
 use super::{key_of, tag_of, Engine};
 use crate::protocol::{AtMemoryCap, Protocol};
-use crate::server::memory::{biggest, MIN_READ};
+use crate::server::memory::MIN_READ;
 use crate::server::CloseReason;
 
 #[cfg(doc)]
@@ -135,7 +135,7 @@ impl<P: Protocol> Engine<P> {
     /// Chat at the cap: closes the client holding the most. Returns false
     /// when the count is within the cap (nothing to do).
     pub(super) fn drop_largest_over_cap(&mut self) -> bool {
-        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest || !self.memory.over() {
+        if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest {
             return false;
         }
         let held = self
@@ -143,14 +143,9 @@ impl<P: Protocol> Engine<P> {
             .iter()
             .filter(|(_, c)| !c.has(flag::FAILED | flag::OVERFLOW))
             .map(|(k, c)| (k, c.footprint()));
-        let Some((key, bytes)) = biggest(held) else {
+        let Some((key, _)) = self.memory.victim(held, |key| format!("conn {key}")) else {
             return false;
         };
-        log::warn!(
-            "[conn {key}] slow consumer: {} bytes queued in all passed --max-memory; \
-             disconnecting the biggest reader ({bytes} bytes)",
-            self.memory.used()
-        );
         self.close(key, CloseReason::SlowConsumer);
         true
     }
