@@ -23,16 +23,9 @@
 use std::collections::VecDeque;
 use std::fmt::Display;
 
-use crate::buffer::GROWTH_SLACK;
-use crate::net::ready::SCRATCH;
-
 /// A waiting connection is not woken for less room than this; below it a
 /// read waits for memory rather than take a few bytes at a time.
 pub const MIN_READ: usize = 4096;
-
-/// The room one woken connection is reckoned to take: one read's worth of
-/// input and its queue's growth slack.
-pub const PER_READER: usize = SCRATCH + GROWTH_SLACK;
 
 /// Below this many entries the waiting queue is never tidied: a few stale
 /// entries are cheaper to skip in [`MemoryCap::resume`] than to sweep for.
@@ -44,15 +37,25 @@ const TIDY_FLOOR: usize = 64;
 pub struct MemoryCap<T> {
     used: usize,
     cap: usize,
+    /// The room one woken connection is reckoned to take.
+    per_reader: usize,
+    /// What a queue may occupy beyond the bytes put in it.
+    slack: usize,
     waiting: VecDeque<T>,
 }
 
 impl<T: Copy> MemoryCap<T> {
-    /// Nothing counted yet, under `cap` bytes.
-    pub fn new(cap: usize) -> Self {
+    /// Nothing counted yet, under `cap` bytes. The engine says what its
+    /// reads cost: `per_reader`, the room one connection woken from the
+    /// queue is reckoned to take (one read's worth of input and what its
+    /// queue may grow by); `slack`, what a queue may occupy beyond the
+    /// bytes put in it (kept free by [`MemoryCap::room`]).
+    pub fn new(cap: usize, per_reader: usize, slack: usize) -> Self {
         MemoryCap {
             used: 0,
             cap,
+            per_reader,
+            slack,
             waiting: VecDeque::new(),
         }
     }
@@ -80,7 +83,7 @@ impl<T: Copy> MemoryCap<T> {
             // below one read's worth would stop everyone for good.
             return usize::MAX;
         }
-        self.cap.saturating_sub(self.used + GROWTH_SLACK)
+        self.cap.saturating_sub(self.used + self.slack)
     }
 
     /// `who` cannot take input without passing the cap: it joins the
@@ -97,20 +100,20 @@ impl<T: Copy> MemoryCap<T> {
 
     /// Once the count has fallen to three quarters of the cap, offers
     /// waiting connections their turn, oldest first, as many as the room
-    /// allows ([`PER_READER`] each, and at least one). `wake` returns
+    /// allows (the engine's `per_reader` each, and at least one). `wake` returns
     /// false for an entry that is stale (closed, or no longer waiting),
     /// which costs no room.
     pub fn resume(&mut self, mut wake: impl FnMut(T) -> bool) {
         if self.waiting.is_empty() || self.used > self.cap - self.cap / 4 {
             return;
         }
-        let mut room = (self.cap - self.used).max(PER_READER);
+        let mut room = (self.cap - self.used).max(self.per_reader);
         while room >= MIN_READ {
             let Some(who) = self.waiting.pop_front() else {
                 break;
             };
             if wake(who) {
-                room = room.saturating_sub(PER_READER);
+                room = room.saturating_sub(self.per_reader);
             }
         }
     }
@@ -178,15 +181,27 @@ pub fn biggest<K>(held: impl Iterator<Item = (K, usize)>) -> Option<(K, usize)> 
 mod tests {
     use super::*;
 
+    use crate::buffer::GROWTH_SLACK;
+    use crate::net::ready::SCRATCH;
+
+    /// The readiness engine's figures.
+    const PER_READER: usize = SCRATCH + GROWTH_SLACK;
+
+    impl<T: Copy> MemoryCap<T> {
+        fn with_cap(cap: usize) -> Self {
+            MemoryCap::new(cap, PER_READER, GROWTH_SLACK)
+        }
+    }
+
     #[test]
     fn with_nothing_held_one_read_may_always_go() {
-        let m = MemoryCap::<u32>::new(10);
+        let m = MemoryCap::<u32>::with_cap(10);
         assert_eq!(m.room(), usize::MAX);
     }
 
     #[test]
     fn room_is_what_is_left_under_the_cap_less_the_slack() {
-        let mut m = MemoryCap::<u32>::new(1 << 20);
+        let mut m = MemoryCap::<u32>::with_cap(1 << 20);
         m.recount(0, 1000);
         assert_eq!(m.room(), (1 << 20) - 1000 - GROWTH_SLACK);
         m.recount(1000, 1 << 20);
@@ -199,7 +214,7 @@ mod tests {
     #[test]
     fn waiting_connections_go_again_only_at_three_quarters_of_the_cap() {
         let cap = 16 * PER_READER;
-        let mut m = MemoryCap::new(cap);
+        let mut m = MemoryCap::with_cap(cap);
         m.recount(0, cap);
         m.wait(1);
         let mut woken = Vec::new();
@@ -219,7 +234,7 @@ mod tests {
     #[test]
     fn waiting_connections_go_again_oldest_first_as_room_allows() {
         let cap = 8 * PER_READER;
-        let mut m = MemoryCap::new(cap);
+        let mut m = MemoryCap::with_cap(cap);
         m.recount(0, cap - 2 * PER_READER);
         for t in 1..=5 {
             m.wait(t);
@@ -241,7 +256,7 @@ mod tests {
 
     #[test]
     fn stale_entries_cost_no_room_and_at_least_one_goes() {
-        let mut m = MemoryCap::new(PER_READER / 2);
+        let mut m = MemoryCap::with_cap(PER_READER / 2);
         m.recount(0, 1);
         for t in 1..=4 {
             m.wait(t);
@@ -264,7 +279,7 @@ mod tests {
         // round after round. `resume` pops nothing while the cap is held,
         // so only `tidy` keeps the queue bounded.
         let cap = 16 * PER_READER;
-        let mut m = MemoryCap::new(cap);
+        let mut m = MemoryCap::with_cap(cap);
         m.recount(0, cap);
         let holders = [1u32, 2, 3];
         for &t in &holders {
@@ -286,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_small_queue_is_not_tidied() {
-        let mut m = MemoryCap::new(PER_READER);
+        let mut m = MemoryCap::with_cap(PER_READER);
         for t in 0..10u32 {
             m.wait(t);
         }
@@ -295,8 +310,25 @@ mod tests {
     }
 
     #[test]
+    fn each_engine_sets_what_a_reader_costs() {
+        let mut m = MemoryCap::new(100_000, 10_000, 5_000);
+        m.recount(0, 1000);
+        assert_eq!(m.room(), 100_000 - 1000 - 5_000, "its slack");
+        for t in 1..=20u32 {
+            m.wait(t);
+        }
+        let mut woken = 0;
+        m.resume(|_| {
+            woken += 1;
+            true
+        });
+        // 99,000 bytes of room, 10,000 each while a read's worth is left.
+        assert_eq!(woken, 10, "its per-reader room");
+    }
+
+    #[test]
     fn nobody_is_a_victim_within_the_cap() {
-        let mut m = MemoryCap::<u32>::new(100);
+        let mut m = MemoryCap::<u32>::with_cap(100);
         m.recount(0, 100);
         let held = || [(1, 40), (2, 60)].into_iter();
         assert_eq!(m.victim(held(), |k| *k), None);

@@ -57,6 +57,7 @@ use super::token::{
 };
 use super::udp::{Next, UdpEcho};
 use super::{Config, ServeError};
+use crate::buffer::GROWTH_SLACK;
 use crate::metrics::endpoint::Endpoint;
 use crate::net::ready::{ReadyList, SCRATCH};
 use crate::protocol::Protocol;
@@ -297,7 +298,9 @@ impl<P: Protocol> EventLoop<P> {
             broadcasts: Vec::new(),
             to_advance: Vec::new(),
             timers: Timers::default(),
-            memory: MemoryCap::new(config.max_memory),
+            // A woken reader takes one read (the scratch buffer's worth)
+            // into a queue that may grow by its slack.
+            memory: MemoryCap::new(config.max_memory, SCRATCH + GROWTH_SLACK, GROWTH_SLACK),
             stats: Stats::default(),
             config,
             max_connections,

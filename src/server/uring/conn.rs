@@ -14,7 +14,7 @@ use crate::protocol::{Audience, Close, Outbox};
 
 /// Owned chunks stop growing past this, so a long backlog is sent and
 /// freed in pieces.
-const OWNED_CHUNK_MAX: usize = 64 * 1024;
+pub(super) const OWNED_CHUNK_MAX: usize = 64 * 1024;
 /// Spare buffers kept for reuse, so a busy connection does not allocate
 /// per message.
 const SPARES: usize = 1024;

@@ -61,7 +61,7 @@ mod memory;
 mod metrics;
 pub mod ring;
 
-use conn::{Broadcast, Conn, Spare};
+use conn::{Broadcast, Conn, Spare, OWNED_CHUNK_MAX};
 use ring::{Event, PoolShape, Ring};
 
 /// Submission queue entries: one turn's sends, re-arms and cancels; a
@@ -249,7 +249,10 @@ pub fn new_engine<P: Protocol>(
         closing: Vec::new(),
         retired: None,
         spare: Spare::default(),
-        memory: MemoryCap::new(config.max_memory),
+        // A woken reader takes one receive buffer's worth into an owned
+        // chunk that may occupy up to OWNED_CHUNK_MAX (counted by
+        // capacity: a recycled one may be that big for a short reply).
+        memory: MemoryCap::new(config.max_memory, size + OWNED_CHUNK_MAX, OWNED_CHUNK_MAX),
         woken: Vec::new(),
         timers: Timers::default(),
         stats: Stats::default(),
