@@ -13,7 +13,7 @@ use crate::net::io::attempt;
 use crate::net::ready::{READ_BUDGET, WRITE_BUDGET};
 use crate::protocol::Protocol;
 use crate::server::connection::{Action, CloseReason, GoneOutbox, State};
-use crate::server::memory::MIN_READ as MIN_ROOM;
+use crate::server::memory::MIN_READ;
 use crate::server::token::{connection_token, TokenName};
 use crate::server::LINGER;
 
@@ -138,11 +138,11 @@ impl<P: Protocol> EventLoop<P> {
             let nothing_queued = conn.queued() == 0;
             // ... and all connections together past `--max-memory`.
             if let Some(room) = self.memory_room() {
-                if room < want.max(MIN_ROOM) {
+                if room < want.max(MIN_READ) {
                     if P::MIRRORS_INPUT && nothing_queued && self.mirror(key, budget, read_until) {
                         return;
                     }
-                    if room < MIN_ROOM {
+                    if room < MIN_READ {
                         return self.wait_for_memory(key);
                     }
                     want = room;

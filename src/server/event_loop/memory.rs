@@ -95,7 +95,8 @@ impl<P: Protocol> EventLoop<P> {
     /// waiting connections again, oldest first, as many as the room allows
     /// (see [`MemoryCap::resume`](crate::server::memory::MemoryCap::resume)).
     pub(super) fn resume_waiting(&mut self) {
-        let mut woken = Vec::new();
+        // The buffer is kept between calls: no allocation per resume.
+        let mut woken = std::mem::take(&mut self.woken);
         let (conns, now) = (&mut self.conns, self.now);
         self.memory.resume(|token| {
             // Entries of connections closed or moved on since are stale.
@@ -112,10 +113,12 @@ impl<P: Protocol> EventLoop<P> {
             woken.push(token);
             true
         });
-        for token in woken {
+        for &token in &woken {
             log::debug!("[{}] memory freed: reading again", TokenName(token));
             self.push_ready(token);
         }
+        woken.clear();
+        self.woken = woken;
     }
 
     /// Drops the waiting queue's entries of connections closed (or no

@@ -201,6 +201,8 @@ pub(crate) struct EventLoop<P: Protocol> {
     /// footprints), held under `--max-memory`, and the connections waiting
     /// for memory, in the order they began to wait; see `memory.rs`.
     memory: MemoryCap<Token>,
+    /// Connections woken by the last `resume_waiting` (kept for reuse).
+    woken: Vec<Token>,
     stats: Stats,
     config: Config,
     max_connections: usize,
@@ -301,6 +303,7 @@ impl<P: Protocol> EventLoop<P> {
             // A woken reader takes one read (the scratch buffer's worth)
             // into a queue that may grow by its slack.
             memory: MemoryCap::new(config.max_memory, SCRATCH + GROWTH_SLACK, GROWTH_SLACK),
+            woken: Vec::new(),
             stats: Stats::default(),
             config,
             max_connections,

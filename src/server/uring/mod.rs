@@ -291,8 +291,10 @@ impl<P: Protocol> Engine<P> {
             }
             let timeout = self.wait_timeout();
             self.ring.submit_and_wait(timeout)?;
+            // One clock read per wake-up: `now` is derived from it, as in
+            // the readiness loop.
             let woke = Instant::now();
-            self.now = self.started.elapsed().as_millis() as u64;
+            self.now = woke.duration_since(self.started).as_millis() as u64;
             let mut completions = 0;
             // In slices, so that 20,000 completions at once (every idle
             // client speaking after a quiet spell) do not leave a 20,000
