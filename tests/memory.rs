@@ -464,3 +464,57 @@ fn a_client_turned_away_while_sending_gets_the_line_and_an_eof(engine: &str) {
     }
 }
 engines!(a_client_turned_away_while_sending_gets_the_line_and_an_eof: reactor, uring);
+
+/// While a client that never reads holds the cap, others connect, write
+/// until they wait for memory, and close, round after round: the queue of
+/// waiting connections drops their entries instead of growing by one a
+/// round. The rounds come over a Unix socket, where the close of a client
+/// whose receive is armed is seen at once. The uring engine only: the
+/// readiness engine does not see a waiting Unix client's close while the
+/// cap is held (it is not read, and with nothing queued not written), so
+/// there the connection stays and its entry is not stale; `MemoryCap`'s
+/// unit tests cover the queue's bound for both.
+fn clients_that_wait_and_close_leave_no_entries_behind(engine: &str) {
+    let path = std::env::temp_dir().join(format!(
+        "reactor-test-memory-{}-{engine}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let server = Server::start_engine(
+        engine,
+        &[
+            "--max-memory",
+            "1048576",
+            "--max-buffer",
+            "67108864",
+            "--log-level",
+            "debug",
+            "--unix",
+            path.to_str().unwrap(),
+        ],
+    );
+    let waits = || server.stderr_text().matches("--max-memory reached").count();
+    let _hog = Flood::start(server.addr, 1, 8 << 20);
+    assert!(waits() > 0, "the hog does not hold the cap");
+    // More rounds than the queue keeps before tidying (2 x live + 64).
+    for round in 0..100 {
+        let before = waits();
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.write_all(&[b'x'; 4096]).unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while waits() == before {
+            assert!(Instant::now() < deadline, "round {round} never waited");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    server.wait_for_log("stale entries of the waiting queue");
+    let tidied: usize = server
+        .stderr_text()
+        .lines()
+        .filter_map(|l| l.split("memory: tidied ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    let _ = std::fs::remove_file(&path);
+    assert!(tidied >= 64, "only {tidied} entries tidied");
+}
+engines!(clients_that_wait_and_close_leave_no_entries_behind: uring);
