@@ -37,6 +37,19 @@ impl<P: Protocol> EventLoop<P> {
                 readiness.read_until = ReadUntil::WouldBlock;
             }
         }
+        let conn = &mut self.conns[key];
+        if readiness.write_closed && conn.state == State::Waiting {
+            // Waiting for memory, so neither read nor (with nothing
+            // queued) written: without this, a client gone for good would
+            // hold its connection until memory frees, and a stream of
+            // them while others hold the cap would fill the server. No
+            // echo can reach it any more.
+            log::debug!(
+                "[{}] gone while waiting for memory",
+                TokenName(connection_token(key, conn.generation))
+            );
+            conn.state.failed();
+        }
         if readiness.readable {
             self.on_readable(key, readiness.read_until);
         }

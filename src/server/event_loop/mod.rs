@@ -121,6 +121,8 @@ enum ReadUntil {
 struct Readiness {
     readable: bool,
     writable: bool,
+    /// The peer can take no more output (it is gone, or reset us).
+    write_closed: bool,
     read_until: ReadUntil,
 }
 
@@ -132,6 +134,7 @@ impl Readiness {
         Readiness {
             readable: event.is_readable() || hung_up,
             writable: event.is_writable() || event.is_write_closed() || event.is_error(),
+            write_closed: event.is_write_closed(),
             read_until: if hung_up {
                 ReadUntil::WouldBlock
             } else {
@@ -145,6 +148,7 @@ impl Readiness {
     const RETRY: Readiness = Readiness {
         readable: true,
         writable: true,
+        write_closed: false,
         read_until: ReadUntil::WouldBlock,
     };
 }
