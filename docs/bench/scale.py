@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -85,8 +86,12 @@ def sample(server_pids, load_pids=()):
     }
 
 
+# Every process started, so that a failed run still ends them (by PID).
+STARTED = []
+
+
 def run(reactor, n, hold, workers):
-    started = []
+    started = STARTED
     server = subprocess.Popen(
         [reactor, "serve", "--addr", "127.0.0.1:0", "--workers", str(workers),
          "--log-level", "warn"],
@@ -104,6 +109,12 @@ def run(reactor, n, hold, workers):
          "--timeout", "30", "--json"],
         stdout=subprocess.PIPE, stderr=open(f"/tmp/scale-load-{n}.log", "w"), text=True)
     started.append(load.pid)
+    # The report can pass a pipe's 64 KiB (a million connections: interval
+    # rows with their histograms), so it is read while the run goes on; a
+    # read only after the exit would leave the load tool blocked writing.
+    out_parts = []
+    reader = threading.Thread(target=lambda: out_parts.append(load.stdout.read()))
+    reader.start()
     t0 = time.time()
     held = None
     peak = None
@@ -116,8 +127,8 @@ def run(reactor, n, hold, workers):
             load_pids = children(load.pid) or [load.pid]
             started += load_pids
             peak = sample(server_pids, load_pids + [load.pid])
-    out, _ = load.communicate()
-    report = json.loads(out)
+    reader.join()
+    report = json.loads("".join(out_parts))
     server.send_signal(signal.SIGTERM)
     try:
         server_rc = server.wait(timeout=60)
@@ -233,7 +244,15 @@ def main():
             workers = int(v)
     if workers is None:
         workers = max(1, math.ceil(n / 18000))
-    result = run(reactor, n, hold, workers)
+    try:
+        result = run(reactor, n, hold, workers)
+    except BaseException:
+        for p in reversed(STARTED):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        raise
     line = json.dumps(result)
     print(line)
     here = os.path.dirname(os.path.abspath(__file__))
