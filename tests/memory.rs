@@ -229,6 +229,63 @@ fn a_waiting_client_goes_again_when_another_frees_memory(engine: &str) {
 }
 engines!(a_waiting_client_goes_again_when_another_frees_memory: reactor, uring);
 
+/// The readiness engine serves a client with nothing queued at the cap by
+/// mirroring its input; one that reads its echo slowly makes its socket
+/// take only part of each read, so it waits, is woken by its own socket
+/// having room, and waits again, over and over. It must hold one place in
+/// the waiting queue, not one per wait (debug builds check this every
+/// turn and would end the server), and get every byte back.
+#[test]
+fn a_client_that_reads_slowly_at_the_cap_keeps_one_place_in_line() {
+    let server = Server::start(&[
+        "--max-memory",
+        "4194304",
+        "--max-buffer",
+        "67108864",
+        "--log-level",
+        "debug",
+    ]);
+    let hog = Flood::start(server.addr, 1, 32 << 20);
+    eventually("the hog waits at --max-memory", || {
+        memory_waiters(&server.stderr_text()) >= 1
+    });
+    let slow = small_window_client(server.addr);
+    slow.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // More than the server's kernel send buffer toward it can take
+    // (`tcp_wmem` lets it grow to 4 MiB), so that its writes come up short.
+    let data = Arc::new(pattern(3, 16 << 20));
+    let (mut w, d) = (slow.try_clone().unwrap(), data.clone());
+    let writer = thread::spawn(move || w.write_all(&d));
+    let waits = || {
+        server
+            .stderr_text()
+            .matches("] --max-memory reached")
+            .count()
+    };
+    let hog_waits = waits();
+    let mut got = Vec::new();
+    let mut buf = [0; 512];
+    // Slowly, until it has waited a few times or read half of it.
+    while waits() < hog_waits + 3 && got.len() < data.len() / 2 {
+        let n = (&slow).read(&mut buf).expect("slow client's echo");
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        waits() >= hog_waits + 3,
+        "the slow client did not wait at the cap again and again"
+    );
+    drop(hog);
+    let start = got.len();
+    got.resize(data.len(), 0);
+    (&slow)
+        .read_exact(&mut got[start..])
+        .expect("the rest of the echo");
+    assert!(got == *data, "the echo differs from what was sent");
+    writer.join().unwrap().unwrap();
+}
+
 fn chat_drops_the_biggest_reader_at_the_memory_cap(engine: &str) {
     let server = Server::start_engine(
         engine,

@@ -92,6 +92,11 @@ impl<T: Copy> MemoryCap<T> {
         self.waiting.push_back(who);
     }
 
+    /// The waiting queue's entries, oldest first (stale ones included).
+    pub fn in_line(&self) -> impl Iterator<Item = T> + '_ {
+        self.waiting.iter().copied()
+    }
+
     /// Connections queued (stale entries included).
     #[cfg(test)]
     pub fn waiting(&self) -> usize {

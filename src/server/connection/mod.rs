@@ -46,6 +46,10 @@ pub(crate) struct Connection<S> {
     pub registered: Interest,
     /// Loop bookkeeping: the connection is on the ready list already.
     pub on_ready_list: bool,
+    /// Loop bookkeeping: the connection has an entry in the queue of those
+    /// waiting for memory (at most one: it may leave `Waiting` and wait
+    /// again before that entry comes up).
+    pub in_line: bool,
     /// The protocol's per-client state.
     pub session: S,
 }

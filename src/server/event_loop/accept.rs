@@ -184,6 +184,7 @@ impl<P: Protocol> EventLoop<P> {
             state,
             registered: Interest::READABLE,
             on_ready_list: false,
+            in_line: false,
             session,
         });
         self.stats.active += 1;

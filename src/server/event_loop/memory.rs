@@ -87,7 +87,11 @@ impl<P: Protocol> EventLoop<P> {
                 self.memory.used()
             );
             conn.state.memory_full();
-            self.memory.wait(token);
+            // It may have an entry still: it left `Waiting` (its socket
+            // took a mirrored echo) and came back before its turn.
+            if !std::mem::replace(&mut conn.in_line, true) {
+                self.memory.wait(token);
+            }
         }
     }
 
@@ -106,6 +110,7 @@ impl<P: Protocol> EventLoop<P> {
             let Some(c) = conns.get_mut(key).filter(|c| c.generation == generation) else {
                 return false;
             };
+            c.in_line = false;
             if !c.state.memory_freed() {
                 return false;
             }
@@ -125,13 +130,18 @@ impl<P: Protocol> EventLoop<P> {
     /// longer waiting) since they joined, once they could outnumber the
     /// live ones (see [`MemoryCap::tidy`]).
     pub(super) fn tidy_waiting(&mut self) {
-        let conns = &self.conns;
-        let dropped = self.memory.tidy(conns.len(), |token| {
-            connection_key(token).is_some_and(|(key, generation)| {
-                conns
-                    .get(key)
-                    .is_some_and(|c| c.generation == generation && c.state == State::Waiting)
-            })
+        let conns = &mut self.conns;
+        let live = conns.len();
+        let dropped = self.memory.tidy(live, |token| {
+            let Some((key, generation)) = connection_key(token) else {
+                return false;
+            };
+            let Some(c) = conns.get_mut(key).filter(|c| c.generation == generation) else {
+                return false;
+            };
+            // A live connection's one entry: kept while it waits.
+            c.in_line = c.state == State::Waiting;
+            c.in_line
         });
         if dropped > 0 {
             log::debug!("memory: tidied {dropped} stale entries of the waiting queue");
@@ -237,5 +247,16 @@ impl<P: Protocol> EventLoop<P> {
     pub(super) fn check_memory_count(&self) {
         self.memory
             .check(|| self.conns.iter().map(|(_, c)| c.footprint()).sum());
+        if cfg!(debug_assertions) {
+            // Every live connection marked `in_line` has exactly one entry
+            // in the waiting queue, and no other live one has any.
+            let entries = self
+                .memory
+                .in_line()
+                .filter(|&t| self.key_of(t).is_some())
+                .count();
+            let marked = self.conns.iter().filter(|(_, c)| c.in_line).count();
+            assert_eq!(entries, marked, "waiting queue entries of live connections");
+        }
     }
 }
