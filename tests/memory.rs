@@ -550,7 +550,8 @@ fn clients_that_wait_and_close_leave_no_entries_behind(engine: &str) {
     );
     let waits = || server.stderr_text().matches("--max-memory reached").count();
     let _hog = Flood::start(server.addr, 1, 8 << 20);
-    assert!(waits() > 0, "the hog does not hold the cap");
+    // Half a second without progress may be a busy machine, not the cap.
+    eventually("the hog holds the cap", || waits() > 0);
     // More rounds than the queue keeps before tidying (2 x live + 64).
     for round in 0..100 {
         let before = waits();

@@ -178,7 +178,7 @@ impl<T: Copy> MemoryCap<T> {
 
 /// Chat at the cap: of `(who, bytes held)`, the one holding the most, if
 /// anyone holds anything.
-pub fn biggest<K>(held: impl Iterator<Item = (K, usize)>) -> Option<(K, usize)> {
+fn biggest<K>(held: impl Iterator<Item = (K, usize)>) -> Option<(K, usize)> {
     held.max_by_key(|&(_, n)| n).filter(|&(_, n)| n > 0)
 }
 
