@@ -44,14 +44,39 @@ pub(crate) struct Connection<S> {
     pub state: State,
     /// Loop bookkeeping: the interest registered with `Poll` now.
     pub registered: Interest,
-    /// Loop bookkeeping: the connection is on the ready list already.
-    pub on_ready_list: bool,
-    /// Loop bookkeeping: the connection has an entry in the queue of those
-    /// waiting for memory (at most one: it may leave `Waiting` and wait
-    /// again before that entry comes up).
-    pub in_line: bool,
+    /// Loop bookkeeping: the loop's lists the connection is on.
+    pub lists: Lists,
     /// The protocol's per-client state.
     pub session: S,
+}
+
+/// The loop's lists a connection is on, each at most once: one byte, so
+/// the slab entry stays small (see the test below).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Lists(u8);
+
+impl Lists {
+    /// The ready list: served again next turn.
+    pub const READY: Lists = Lists(1);
+    /// The queue of connections waiting for memory. A connection keeps
+    /// its one entry even if it leaves `Waiting` (its own socket took a
+    /// mirrored echo) and waits again before that entry comes up.
+    pub const MEMORY: Lists = Lists(2);
+
+    /// Marks `list`; false when it was marked already.
+    pub fn join(&mut self, list: Lists) -> bool {
+        let was = self.on(list);
+        self.0 |= list.0;
+        !was
+    }
+
+    pub fn leave(&mut self, list: Lists) {
+        self.0 &= !list.0;
+    }
+
+    pub fn on(self, list: Lists) -> bool {
+        self.0 & list.0 != 0
+    }
 }
 
 impl<S> Connection<S> {

@@ -10,7 +10,7 @@ use super::{Accepting, EventLoop, ACCEPT_BUDGET, ACCEPT_RETRY};
 use crate::net::io::attempt;
 use crate::net::Stream;
 use crate::protocol::Protocol;
-use crate::server::connection::{write_now, ConnOutbox, Connection, State};
+use crate::server::connection::{write_now, ConnOutbox, Connection, Lists, State};
 use crate::server::token::{
     connection_token, next_generation, TokenName, LISTENER_TCP, LISTENER_UNIX,
 };
@@ -183,8 +183,7 @@ impl<P: Protocol> EventLoop<P> {
             generation,
             state,
             registered: Interest::READABLE,
-            on_ready_list: false,
-            in_line: false,
+            lists: Lists::default(),
             session,
         });
         self.stats.active += 1;

@@ -46,7 +46,7 @@ use super::{EventLoop, ReadUntil};
 use crate::net::io::attempt;
 use crate::net::ready::SCRATCH;
 use crate::protocol::{AtMemoryCap, Protocol};
-use crate::server::connection::{write_now, CloseReason, State};
+use crate::server::connection::{write_now, CloseReason, Lists, State};
 use crate::server::token::{connection_key, connection_token, TokenName};
 
 #[cfg(doc)]
@@ -89,7 +89,7 @@ impl<P: Protocol> EventLoop<P> {
             conn.state.memory_full();
             // It may have an entry still: it left `Waiting` (its socket
             // took a mirrored echo) and came back before its turn.
-            if !std::mem::replace(&mut conn.in_line, true) {
+            if conn.lists.join(Lists::MEMORY) {
                 self.memory.wait(token);
             }
         }
@@ -110,7 +110,7 @@ impl<P: Protocol> EventLoop<P> {
             let Some(c) = conns.get_mut(key).filter(|c| c.generation == generation) else {
                 return false;
             };
-            c.in_line = false;
+            c.lists.leave(Lists::MEMORY);
             if !c.state.memory_freed() {
                 return false;
             }
@@ -140,8 +140,10 @@ impl<P: Protocol> EventLoop<P> {
                 return false;
             };
             // A live connection's one entry: kept while it waits.
-            c.in_line = c.state == State::Waiting;
-            c.in_line
+            if c.state != State::Waiting {
+                c.lists.leave(Lists::MEMORY);
+            }
+            c.lists.on(Lists::MEMORY)
         });
         if dropped > 0 {
             log::debug!("memory: tidied {dropped} stale entries of the waiting queue");
@@ -248,14 +250,18 @@ impl<P: Protocol> EventLoop<P> {
         self.memory
             .check(|| self.conns.iter().map(|(_, c)| c.footprint()).sum());
         if cfg!(debug_assertions) {
-            // Every live connection marked `in_line` has exactly one entry
+            // Every live connection on the memory list has exactly one entry
             // in the waiting queue, and no other live one has any.
             let entries = self
                 .memory
                 .in_line()
                 .filter(|&t| self.key_of(t).is_some())
                 .count();
-            let marked = self.conns.iter().filter(|(_, c)| c.in_line).count();
+            let marked = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.lists.on(Lists::MEMORY))
+                .count();
             assert_eq!(entries, marked, "waiting queue entries of live connections");
         }
     }

@@ -46,7 +46,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use super::connection::{Broadcast, Connection};
+use super::connection::{Broadcast, Connection, Lists};
 use super::listen::{Listeners, SocketFile};
 use super::memory::MemoryCap;
 use super::stats::Stats;
@@ -406,7 +406,7 @@ impl<P: Protocol> EventLoop<P> {
         if connection_key(token).is_none() {
             self.fixed_ready.remove(token);
         } else if let Some(key) = self.key_of(token) {
-            self.conns[key].on_ready_list = false;
+            self.conns[key].lists.leave(Lists::READY);
         } else {
             return; // closed since it was listed
         }
@@ -421,7 +421,7 @@ impl<P: Protocol> EventLoop<P> {
             }
         } else if let Some(key) = self.key_of(token) {
             let conn = &mut self.conns[key];
-            if !std::mem::replace(&mut conn.on_ready_list, true) {
+            if conn.lists.join(Lists::READY) {
                 self.ready.push(token);
             }
         }
