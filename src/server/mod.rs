@@ -17,7 +17,7 @@
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) mod connection;
 pub(crate) mod event_loop;
@@ -80,6 +80,20 @@ pub(crate) const LINGER: Duration = Duration::from_secs(1);
 /// Accepting paused (out of descriptors, out of socket memory, or an
 /// error that would repeat at once): the one warning of an episode, in
 /// the same words for every engine.
+/// How long a loop may sleep: until the nearest of `deadlines`
+/// (milliseconds since `started`), or for ever when there is none. Rounded
+/// up, so that it does not wake a millisecond early and spin. Shared by
+/// the readiness and uring engines.
+pub(crate) fn until_nearest(
+    started: Instant,
+    deadlines: impl IntoIterator<Item = Option<u64>>,
+) -> Option<Duration> {
+    deadlines.into_iter().flatten().min().map(|at| {
+        let now = started.elapsed().as_millis() as u64;
+        Duration::from_millis(at.saturating_sub(now) + 1)
+    })
+}
+
 pub(crate) fn warn_accept_paused(e: &io::Error, held: usize) {
     let what = match e.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",

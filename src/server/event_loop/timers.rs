@@ -8,7 +8,7 @@ use super::{Accepting, EventLoop};
 use crate::protocol::Protocol;
 use crate::server::connection::{CloseReason, State};
 use crate::server::token::connection_key;
-use crate::server::LINGER;
+use crate::server::{until_nearest, LINGER};
 
 impl<P: Protocol> EventLoop<P> {
     /// How long `poll` may sleep: not at all while the ready list has
@@ -21,22 +21,17 @@ impl<P: Protocol> EventLoop<P> {
             Accepting::PausedUntil(t) => Some(t),
             _ => None,
         };
-        [
-            self.timers.next(),
-            self.next_stats,
-            accept_retry,
-            self.shutdown_deadline,
-            self.metrics.as_ref().and_then(|m| m.next_deadline()),
-            self.next_snapshot,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|at| {
-            let now = self.started.elapsed().as_millis() as u64;
-            // Round up, so we do not wake a millisecond early and spin.
-            Duration::from_millis(at.saturating_sub(now) + 1)
-        })
+        until_nearest(
+            self.started,
+            [
+                self.timers.next(),
+                self.next_stats,
+                accept_retry,
+                self.shutdown_deadline,
+                self.metrics.as_ref().and_then(|m| m.next_deadline()),
+                self.next_snapshot,
+            ],
+        )
     }
 
     /// Handles everything due: the accept retry, the stats line, and idle

@@ -50,7 +50,7 @@ use super::listen::{Listeners, SocketFile};
 use super::memory::MemoryCap;
 use super::stats::Stats;
 use super::timer::Timers;
-use super::{Config, ServeError};
+use super::{until_nearest, Config, ServeError};
 use crate::metrics::endpoint::Endpoint;
 use crate::protocol::Protocol;
 
@@ -336,20 +336,16 @@ impl<P: Protocol> Engine<P> {
             Accepting::PausedUntil(t) => Some(t),
             _ => None,
         };
-        [
-            self.timers.next(),
-            self.next_stats,
-            accept_retry,
-            self.shutdown_deadline,
-            self.metrics.as_ref().and_then(|m| m.next_deadline()),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|at| {
-            let now = self.started.elapsed().as_millis() as u64;
-            Duration::from_millis(at.saturating_sub(now) + 1)
-        })
+        until_nearest(
+            self.started,
+            [
+                self.timers.next(),
+                self.next_stats,
+                accept_retry,
+                self.shutdown_deadline,
+                self.metrics.as_ref().and_then(|m| m.next_deadline()),
+            ],
+        )
     }
 
     fn on_event(&mut self, event: Event) -> io::Result<()> {
