@@ -29,15 +29,15 @@
 //!    itself, one `mio::Poll`, split by idea: accept, connections,
 //!    broadcast, timers, shutdown), `timer`, `udp`, `listen`,
 //!    `threads` (one thread per client, for comparison), and `uring` (one
-//!    thread around one io_uring: completions, not readiness; its
-//!    `ring.rs` is the crate's only `unsafe`);
+//!    thread around one io_uring: completions, not readiness; the ring
+//!    itself is [`net::ring`], the crate's only `unsafe`);
 //!    [`server::supervisor`] runs N worker processes on one port.
 //! 6. [`client`]: `reactor connect`, `reactor load` (past one process:
 //!    [`client::load::processes`], [`client::load::merge`]) and `reactor top`.
 //! 7. [`cli`]: every clap definition, turned into the plain configurations
 //!    above; shared by the binary and its tests.
 // `deny`, not `forbid`: the io_uring engine's one module
-// (`server::uring::ring`) allows unsafe code, and nothing else may.
+// (`net::ring`) allows unsafe code, and nothing else may.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

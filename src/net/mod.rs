@@ -4,12 +4,15 @@
 //! type for TCP and Unix-domain byte streams, [`io`] holds the two rules
 //! of a non-blocking call (`WouldBlock` means "not now", `Interrupted`
 //! means "again"), [`ready`] is the list of sockets a loop serves again
-//! after their budget ran out, and [`limits`] raises the open-file limit
-//! that every socket counts against.
+//! after their budget ran out, [`limits`] raises the open-file limit
+//! that every socket counts against, and [`ring`] is the io_uring (the
+//! `--engine uring` server's, and the load tool's): the crate's only
+//! `unsafe`, behind a safe interface.
 
 pub mod io;
 pub mod limits;
 pub mod ready;
+pub mod ring;
 pub mod source;
 pub mod stream;
 

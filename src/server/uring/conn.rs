@@ -9,7 +9,7 @@
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
-use super::ring::{Batch, Chunk};
+use crate::net::ring::{Batch, Chunk};
 use crate::protocol::{Audience, Close, Outbox};
 
 /// Owned chunks stop growing past this, so a long backlog is sent and

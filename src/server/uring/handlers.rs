@@ -7,8 +7,8 @@ use std::net::Shutdown;
 use std::os::fd::AsFd;
 
 use super::conn::{flag, queue_shared, GoneOutbox, Phase};
-use super::ring::{Batch, RecvBuf};
 use super::{tag_of, Engine, LINGER};
+use crate::net::ring::{Batch, RecvBuf};
 use crate::protocol::{AtMemoryCap, Protocol};
 use crate::server::memory::MIN_READ;
 use crate::server::CloseReason;

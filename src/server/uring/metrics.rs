@@ -4,7 +4,7 @@
 //!
 //! The endpoint's sockets live on a small `mio::Poll` of their own; the
 //! ring watches that `Poll`'s descriptor with a one-shot poll
-//! ([`super::ring::Ring::poll_readable`]), and when it fires the endpoint
+//! ([`crate::net::ring::Ring::poll_readable`]), and when it fires the endpoint
 //! is served without waiting (its accepts, reads and writes are ordinary
 //! non-blocking calls: a few scrapes a second are not worth putting
 //! through the ring), then the poll is armed again. Gauges are counted

@@ -28,8 +28,8 @@
 //!
 //! The protocols are the same [`Protocol`] implementations, answering
 //! through an [`Outbox`](crate::protocol::Outbox) ([`conn::UringOutbox`]).
-//! Every memory hand-off to the kernel is in [`ring`], the only module of
-//! the crate allowed `unsafe`.
+//! Every memory hand-off to the kernel is in [`crate::net::ring`], the
+//! only module of the crate allowed `unsafe`.
 //!
 //! # Tags
 //! Each operation carries a tag back in its completion. A connection's tag
@@ -59,10 +59,9 @@ mod handlers;
 mod lifecycle;
 mod memory;
 mod metrics;
-pub mod ring;
 
+use crate::net::ring::{Event, PoolShape, Ring};
 use conn::{Broadcast, Conn, Spare, OWNED_CHUNK_MAX};
-use ring::{Event, PoolShape, Ring};
 
 /// Submission queue entries: one turn's sends, re-arms and cancels; a
 /// full queue is submitted early, so this bounds nothing but batching.

@@ -129,6 +129,11 @@ impl Batch {
         self.chunks.iter().map(|c| c.bytes().len()).sum::<usize>() - self.head
     }
 
+    /// Nothing left to send.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// What its chunks occupy (see [`Chunk::held`]).
     pub fn held(&self) -> usize {
         self.chunks.iter().map(Chunk::held).sum()
@@ -181,6 +186,11 @@ impl RecvBuf {
     /// Bytes received into it.
     pub fn len(&self) -> usize {
         self.len as usize
+    }
+
+    /// No bytes (a receive never hands out an empty buffer; EOF is `None`).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
