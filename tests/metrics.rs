@@ -91,9 +91,9 @@ fn every_series_is_there_valid_and_counts_real_traffic(engine: &str) {
 }
 engines!(every_series_is_there_valid_and_counts_real_traffic: reactor, uring);
 
-#[test]
-fn udp_datagrams_are_counted_by_direction() {
-    let (_server, metrics, lines) = start_with_metrics_lines(&["--udp", "127.0.0.1:0"]);
+fn udp_datagrams_are_counted_by_direction(engine: &str) {
+    let (_server, metrics, lines) =
+        start_with_metrics_lines(&["--engine", engine, "--udp", "127.0.0.1:0"]);
     assert_eq!(lines.len(), 1, "udp, then metrics: {lines:?}");
     let udp_addr: std::net::SocketAddr = lines[0]
         .strip_prefix("listening on udp ")
@@ -118,6 +118,7 @@ fn udp_datagrams_are_counted_by_direction() {
         Some(5.0)
     );
 }
+engines!(udp_datagrams_are_counted_by_direction: reactor, uring);
 
 fn other_paths_are_404_and_head_has_no_body(engine: &str) {
     let (_server, metrics) = start_with_metrics(&["--engine", engine]);

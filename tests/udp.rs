@@ -1,5 +1,6 @@
 //! UDP echo on the same loop as TCP: datagrams back whole, a bounded send
-//! queue, and the client tools over UDP.
+//! queue, and the client tools over UDP. The server's tests run against
+//! both engines that serve `--udp` (reactor, uring).
 
 mod common;
 
@@ -10,10 +11,10 @@ use std::time::Duration;
 
 use common::*;
 
-fn udp_server(extra: &[&str]) -> (Server, SocketAddr) {
+fn udp_server(engine: &str, extra: &[&str]) -> (Server, SocketAddr) {
     let mut args = vec!["--log-level", "info", "--udp", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let mut server = Server::start(&args);
+    let mut server = Server::start_engine(engine, &args);
     let line = server.next_stdout_line();
     let addr = line
         .strip_prefix("listening on udp ")
@@ -41,17 +42,16 @@ fn udp_roundtrip(server: SocketAddr, data: &[u8]) -> Vec<u8> {
     panic!("no reply to a {}-byte datagram", data.len());
 }
 
-#[test]
-fn tcp_line_comes_first_then_udp() {
-    let (server, addr) = udp_server(&[]);
+fn tcp_line_comes_first_then_udp(engine: &str) {
+    let (server, addr) = udp_server(engine, &[]);
     assert!(server.first.starts_with("listening on 127.0.0.1:"));
     assert_eq!(addr.ip().to_string(), "127.0.0.1");
     assert_ne!(addr.port(), 0);
 }
+engines!(tcp_line_comes_first_then_udp: reactor, uring);
 
-#[test]
-fn datagrams_of_every_size_come_back_whole_from_many_sockets() {
-    let (server, addr) = udp_server(&[]);
+fn datagrams_of_every_size_come_back_whole_from_many_sockets(engine: &str) {
+    let (server, addr) = udp_server(engine, &[]);
     let mut clients = Vec::new();
     for i in 0..24u64 {
         clients.push(thread::spawn(move || {
@@ -74,13 +74,13 @@ fn datagrams_of_every_size_come_back_whole_from_many_sockets() {
     let data = Arc::new(pattern(1, 10_000));
     assert!(echo_roundtrip(&server.connect(), data.clone()) == *data);
 }
+engines!(datagrams_of_every_size_come_back_whole_from_many_sockets: reactor, uring);
 
 /// On loopback a UDP send almost never blocks (a full receiver drops the
 /// datagram instead), so this checks the server's memory as a whole under
 /// a flood; the queue's own bound is unit-tested in src/server/udp.rs.
-#[test]
-fn a_flood_that_is_never_read_does_not_grow_the_server() {
-    let (server, addr) = udp_server(&["--max-buffer", "1048576"]);
+fn a_flood_that_is_never_read_does_not_grow_the_server(engine: &str) {
+    let (server, addr) = udp_server(engine, &["--max-buffer", "1048576"]);
     let before = server.rss_kib();
     // 16 sockets send 64 KiB datagrams as fast as they can and never read
     // their replies.
@@ -118,10 +118,10 @@ fn a_flood_that_is_never_read_does_not_grow_the_server() {
         .unwrap();
     assert!(udp_in >= 1, "{line}");
 }
+engines!(a_flood_that_is_never_read_does_not_grow_the_server: reactor, uring);
 
-#[test]
-fn connect_sends_each_line_as_one_datagram() {
-    let (_server, addr) = udp_server(&[]);
+fn connect_sends_each_line_as_one_datagram(engine: &str) {
+    let (_server, addr) = udp_server(engine, &[]);
     let out = run_bounded(
         &["connect", "--udp", &addr.to_string()],
         b"first line\nsecond\n",
@@ -130,10 +130,10 @@ fn connect_sends_each_line_as_one_datagram() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "first line\nsecond\n");
 }
+engines!(connect_sends_each_line_as_one_datagram: reactor, uring);
 
-#[test]
-fn load_runs_echo_over_udp() {
-    let (_server, addr) = udp_server(&[]);
+fn load_runs_echo_over_udp(engine: &str) {
+    let (_server, addr) = udp_server(engine, &[]);
     let (code, v) = load_json(&[
         "--udp",
         &addr.to_string(),
@@ -156,6 +156,7 @@ fn load_runs_echo_over_udp() {
     assert!((1..=3).contains(&intervals.len()), "{v}");
     assert!(intervals[0]["messages"].as_u64().unwrap() > 0, "{v}");
 }
+engines!(load_runs_echo_over_udp: reactor, uring);
 
 #[test]
 fn load_over_udp_with_nobody_there_fails() {
@@ -179,13 +180,12 @@ fn load_over_udp_with_nobody_there_fails() {
     assert!(v["errors"]["total"].as_u64().unwrap() > 0, "{v}");
 }
 
-#[test]
-fn a_deep_udp_pipeline_keeps_every_socket_served() {
+fn a_deep_udp_pipeline_keeps_every_socket_served(engine: &str) {
     // 100 sockets x 32 datagrams in flight: replies come back as fast as
     // they are answered, and one socket could keep the loop to itself.
     // Each must get its turn, and the run must measure, not stall. (The
     // window is long enough for a debug build on a loaded machine.)
-    let (_server, addr) = udp_server(&[]);
+    let (_server, addr) = udp_server(engine, &[]);
     let (code, v) = load_json(&[
         "--udp",
         &addr.to_string(),
@@ -206,3 +206,4 @@ fn a_deep_udp_pipeline_keeps_every_socket_served() {
     assert!((2.9..=3.1).contains(&secs), "{v}");
     assert_eq!(v["errors"]["total"], 0);
 }
+engines!(a_deep_udp_pipeline_keeps_every_socket_served: reactor, uring);

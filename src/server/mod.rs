@@ -393,11 +393,6 @@ fn check(config: &Config) -> Result<(), ServeError> {
             "--udp serves echo only; it cannot be used with --mode chat".into(),
         ));
     }
-    if config.udp.is_some() && config.engine == Engine::Uring {
-        return Err(ServeError::Usage(
-            "--udp is not served by --engine uring yet; use --engine reactor".into(),
-        ));
-    }
     Ok(())
 }
 

@@ -181,6 +181,7 @@ impl<P: Protocol> Engine<P> {
             m.close_all();
             self.retired = Some(m);
         }
+        self.close_udp()?;
         // Dropping the socket file (after the listener) removes it.
         if let Some((l, file)) = self.unix.take() {
             self.ring.cancel_fd(l.as_fd())?;

@@ -59,9 +59,11 @@ mod handlers;
 mod lifecycle;
 mod memory;
 mod metrics;
+mod udp;
 
 use crate::net::ring::{Event, PoolShape, Ring};
 use conn::{Broadcast, Conn, Spare, OWNED_CHUNK_MAX};
+use udp::UdpSide;
 
 /// Submission queue entries: one turn's sends, re-arms and cancels; a
 /// full queue is submitted early, so this bounds nothing but batching.
@@ -106,9 +108,11 @@ const REAP_SLICE: usize = 256;
 /// Listener tags (accepts are told apart from receives by the ring).
 const TCP: u64 = 0;
 const UNIX: u64 = 1;
-/// Poll tags: the signal pipe, the metrics endpoint's `Poll`.
+/// Poll tags: the signal pipe, the metrics endpoint's `Poll`, the UDP
+/// socket's `Poll`.
 const SIGNALS: u64 = 0;
 const METRICS: u64 = 1;
+const UDP: u64 = 2;
 
 /// Whether accepting is on, paused after running out of descriptors, or
 /// over (shutting down).
@@ -145,6 +149,8 @@ pub struct Engine<P: Protocol> {
     signals: UnixStream,
     /// The `--metrics` endpoint (see `metrics.rs`).
     metrics: Option<Endpoint>,
+    /// The `--udp` echo socket (see `udp.rs`).
+    udp: Option<UdpSide>,
     conns: Slab<Conn<P::Session>>,
     protocol: P,
     /// Completions of this turn.
@@ -157,6 +163,8 @@ pub struct Engine<P: Protocol> {
     /// The `--metrics` endpoint after shutdown closed it, kept (its
     /// `Poll`'s descriptor open) until its poll's cancel is submitted.
     retired: Option<Endpoint>,
+    /// The same for the UDP socket's `Poll`.
+    retired_udp: Option<UdpSide>,
     spare: Spare,
     /// Bytes held for all clients under `--max-memory`, and the
     /// connections (by tag) waiting for room; see `memory.rs`.
@@ -184,7 +192,6 @@ pub fn new_engine<P: Protocol>(
     listeners: Listeners,
     protocol: P,
 ) -> Result<Engine<P>, ServeError> {
-    debug_assert!(config.udp.is_none(), "refused by serve");
     // Room for a completion from most connections at once. Past this the
     // kernel keeps completions in its overflow list (none are lost; the
     // feature NODROP is in every kernel with multishot receive), so the
@@ -230,6 +237,11 @@ pub fn new_engine<P: Protocol>(
         .map(Endpoint::new)
         .transpose()
         .map_err(io)?;
+    let udp = listeners
+        .udp
+        .map(|s| UdpSide::new(s, config.max_buffer))
+        .transpose()
+        .map_err(io)?;
     signal_hook::low_level::pipe::register(SIGINT, pipe_in).map_err(io)?;
     signal_hook::low_level::pipe::register(SIGTERM, pipe_in2).map_err(io)?;
     let next_stats = config.stats_interval.map(|d| d.as_millis() as u64);
@@ -240,6 +252,7 @@ pub fn new_engine<P: Protocol>(
         accept_armed: [false; 2],
         signals,
         metrics,
+        udp,
         conns: Slab::new(),
         protocol,
         events: Vec::with_capacity(REAP_SLICE),
@@ -247,6 +260,7 @@ pub fn new_engine<P: Protocol>(
         broadcasts: Vec::new(),
         closing: Vec::new(),
         retired: None,
+        retired_udp: None,
         spare: Spare::default(),
         // A woken reader takes one receive buffer's worth into an owned
         // chunk that may occupy up to OWNED_CHUNK_MAX (counted by
@@ -273,6 +287,7 @@ pub fn new_engine<P: Protocol>(
     if let Some(m) = &engine.metrics {
         engine.ring.poll_readable(m, METRICS).map_err(io)?;
     }
+    engine.watch_udp().map_err(io)?;
     Ok(engine)
 }
 
@@ -280,13 +295,14 @@ impl<P: Protocol> Engine<P> {
     /// Runs until a signal's graceful shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
         loop {
-            if !self.closing.is_empty() || self.retired.is_some() {
+            if !self.closing.is_empty() || self.retired.is_some() || self.retired_udp.is_some() {
                 // The cancels for these sockets must reach the kernel while
                 // the descriptors still name them; closing them now rather
                 // than after the wait lets the clients see the close now.
                 self.ring.submit()?;
                 self.closing.clear();
                 self.retired = None;
+                self.retired_udp = None;
             }
             let timeout = self.wait_timeout();
             self.ring.submit_and_wait(timeout)?;
@@ -315,6 +331,9 @@ impl<P: Protocol> Engine<P> {
                 }
             }
             self.events = events;
+            if self.udp.as_ref().is_some_and(|u| u.again) {
+                self.on_udp(false)?;
+            }
             self.expire()?;
             self.resume_waiting();
             self.check_memory_count();
@@ -329,8 +348,12 @@ impl<P: Protocol> Engine<P> {
         }
     }
 
-    /// How long to wait: until the nearest deadline, or for ever.
+    /// How long to wait: until the nearest deadline, or for ever; not at
+    /// all while datagrams may be left after the UDP budget.
     fn wait_timeout(&self) -> Option<Duration> {
+        if self.udp.as_ref().is_some_and(|u| u.again) {
+            return Some(Duration::ZERO);
+        }
         let accept_retry = match self.accepting {
             Accepting::PausedUntil(t) => Some(t),
             _ => None,
@@ -359,6 +382,7 @@ impl<P: Protocol> Engine<P> {
                 Ok(())
             }
             Event::Polled { tag: SIGNALS } => self.on_signal(),
+            Event::Polled { tag: UDP } => self.on_udp(true),
             Event::Polled { .. } => self.on_metrics(),
         }
     }
