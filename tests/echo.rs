@@ -336,7 +336,6 @@ mod lifecycle {
             &["serve", "--addr", "nonsense"],
             &["serve", "--mode", "telnet"],
             &["serve", "--mode", "chat", "--udp", "127.0.0.1:0"],
-            &["serve", "--engine", "uring", "--workers", "2"],
         ] {
             let out = Command::new(bin()).args(args).output().unwrap();
             assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -307,9 +307,9 @@ fn sums_equal_the_workers(e: &Exposition, workers: usize) {
 
 /// `serve --workers N --metrics`: one endpoint, the sums and each
 /// worker's series, counting real traffic spread over the workers.
-fn workers_share_one_endpoint(workers: usize) {
+fn workers_share_one_endpoint(engine: &str, workers: usize) {
     let n = workers.to_string();
-    let (server, metrics) = start_with_metrics(&["--workers", &n]);
+    let (server, metrics) = start_with_metrics(&["--engine", engine, "--workers", &n]);
     let before = scrape(metrics);
     for name in REQUIRED {
         assert!(before.samples(name).next().is_some(), "no {name}");
@@ -349,14 +349,14 @@ fn workers_share_one_endpoint(workers: usize) {
     sums_equal_the_workers(&last, workers);
 }
 
-#[test]
-fn two_workers_share_one_endpoint_with_sums_and_worker_labels() {
-    workers_share_one_endpoint(2);
+fn two_workers_share_one_endpoint_with_sums_and_worker_labels(engine: &str) {
+    workers_share_one_endpoint(engine, 2);
 }
+engines!(two_workers_share_one_endpoint_with_sums_and_worker_labels: reactor, uring);
 
 #[test]
 fn three_workers_share_one_endpoint_with_sums_and_worker_labels() {
-    workers_share_one_endpoint(3);
+    workers_share_one_endpoint("reactor", 3);
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `reactor serve --workers N`: one port shared by worker processes.
+//! `reactor serve --workers N`: one port shared by worker processes, each
+//! running the readiness engine or the uring one.
 
 mod common;
 
@@ -8,11 +9,11 @@ use std::sync::Arc;
 
 use common::*;
 
-fn workers(n: usize, extra: &[&str]) -> Server {
+fn workers(engine: &str, n: usize, extra: &[&str]) -> Server {
     let n = n.to_string();
     let mut args = vec!["--workers", n.as_str()];
     args.extend_from_slice(extra);
-    Server::start(&args)
+    Server::start_engine(engine, &args)
 }
 
 /// `worker-I`'s final stats line: its `accepted=` count.
@@ -48,9 +49,8 @@ fn echoes(s: &std::net::TcpStream, seed: u64) -> bool {
     r.read_exact(&mut got).is_ok() && got == data
 }
 
-#[test]
-fn connections_land_on_several_workers_and_all_echo() {
-    let mut server = workers(3, &[]);
+fn connections_land_on_several_workers_and_all_echo(engine: &str) {
+    let mut server = workers(engine, 3, &[]);
     let clients: Vec<_> = (0..30).map(|_| server.connect()).collect();
     for (i, c) in clients.iter().enumerate() {
         assert!(echoes(c, i as u64), "client {i} did not echo");
@@ -79,10 +79,10 @@ fn connections_land_on_several_workers_and_all_echo() {
         .unwrap_or_else(|| panic!("no summed final line: {text}"));
     assert!(total.contains("accepted=30 "), "{total}");
 }
+engines!(connections_land_on_several_workers_and_all_echo: reactor, uring);
 
-#[test]
-fn sigterm_flushes_every_worker_and_exits_0() {
-    let mut server = workers(3, &["--stats-interval", "1"]);
+fn sigterm_flushes_every_worker_and_exits_0(engine: &str) {
+    let mut server = workers(engine, 3, &["--stats-interval", "1"]);
     const EACH: usize = 100_000;
     let clients: Vec<_> = (0..12).map(|_| server.connect()).collect();
     let sent: Vec<Arc<Vec<u8>>> = (0..12).map(|i| Arc::new(pattern(i, EACH))).collect();
@@ -106,10 +106,10 @@ fn sigterm_flushes_every_worker_and_exits_0() {
         .count();
     assert!(flushed >= 2, "{}", server.stderr_text());
 }
+engines!(sigterm_flushes_every_worker_and_exits_0: reactor, uring);
 
-#[test]
-fn a_killed_worker_is_replaced_while_the_others_clients_keep_echoing() {
-    let mut server = workers(3, &[]);
+fn a_killed_worker_is_replaced_while_the_others_clients_keep_echoing(engine: &str) {
+    let mut server = workers(engine, 3, &[]);
     let clients: Vec<_> = (0..30).map(|_| server.connect()).collect();
     for (i, c) in clients.iter().enumerate() {
         assert!(echoes(c, i as u64));
@@ -147,10 +147,14 @@ fn a_killed_worker_is_replaced_while_the_others_clients_keep_echoing() {
         server.stderr_text()
     );
 }
+engines!(a_killed_worker_is_replaced_while_the_others_clients_keep_echoing: reactor, uring);
 
-#[test]
-fn three_workers_hold_2400_connections_under_a_1000_file_limit() {
-    let mut server = Server::start_with_fd_limit(1000, &["--workers", "3", "--log-level", "warn"]);
+fn three_workers_hold_2400_connections_under_a_1000_file_limit(engine: &str) {
+    let mut server = Server::start_engine_with_fd_limit(
+        engine,
+        1000,
+        &["--workers", "3", "--log-level", "warn"],
+    );
     let addr = server.addr.to_string();
     let (code, v) = load_json(&[&addr, "--workload", "hold", "-c", "2400", "-d", "1"]);
     assert_eq!(code, Some(0), "{v}");
@@ -159,6 +163,7 @@ fn three_workers_hold_2400_connections_under_a_1000_file_limit() {
     server.terminate();
     assert!(server.wait().success());
 }
+engines!(three_workers_hold_2400_connections_under_a_1000_file_limit: reactor, uring);
 
 #[test]
 fn chat_and_unix_refuse_more_than_one_worker() {

@@ -23,6 +23,7 @@ pub(crate) mod connection;
 pub(crate) mod event_loop;
 pub(crate) mod listen;
 pub(crate) mod memory;
+mod snapshots;
 pub mod stats;
 pub mod supervisor;
 mod supervisor_metrics;
@@ -413,11 +414,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     if config.metrics.is_some() && config.engine == Engine::Threads {
         return Err(ServeError::Usage(
             "--metrics is served by the event loop; it cannot be used with --engine threads".into(),
-        ));
-    }
-    if config.workers > 1 && config.engine == Engine::Uring {
-        return Err(ServeError::Usage(
-            "--workers is not served by --engine uring yet; use --engine reactor".into(),
         ));
     }
     if config.workers > 1 && config.worker.is_none() {

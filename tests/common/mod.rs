@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -14,6 +15,36 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_reactor")
+}
+
+/// How long a server may take to print a `listening on` line before the
+/// test gives up on it (a debug build on a busy machine starts in well
+/// under a second).
+const STARTUP: Duration = Duration::from_secs(120);
+
+/// Reads one line of the server's stdout; a server that prints nothing
+/// for [`STARTUP`] is killed, so the read ends (with an empty line, which
+/// the caller reports) instead of the test hanging. The child is not
+/// reaped before the test drops it, so its pid cannot be reused meanwhile.
+fn read_line_or_kill(out: &mut impl BufRead, pid: u32) -> String {
+    let done = Arc::new(AtomicBool::new(false));
+    let seen = done.clone();
+    thread::spawn(move || {
+        let deadline = Instant::now() + STARTUP;
+        while !seen.load(Ordering::Relaxed) {
+            if Instant::now() >= deadline {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    done.store(true, Ordering::Relaxed);
+    line
 }
 
 /// A running server process, killed when dropped.
@@ -95,8 +126,7 @@ impl Server {
             }
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).expect("read listening line");
+        let first = read_line_or_kill(&mut out, child.id());
         let addr = first
             .strip_prefix("listening on ")
             .and_then(|r| r.split(' ').next())
@@ -121,9 +151,9 @@ impl Server {
 
     /// The next line on stdout (`listening on udp ...`, `... unix ...`).
     pub fn next_stdout_line(&mut self) -> String {
-        let mut l = String::new();
-        self.stdout.read_line(&mut l).unwrap();
-        l.trim_end().to_string()
+        read_line_or_kill(&mut self.stdout, self.child.id())
+            .trim_end()
+            .to_string()
     }
 
     pub fn pid(&self) -> u32 {

@@ -21,15 +21,14 @@
 //! In a worker of `reactor serve --workers N --metrics ...` there is no
 //! endpoint here: the supervisor serves one for all workers, and this
 //! loop writes its snapshot on stdout, a pipe to the supervisor, every
-//! `Config::snapshot_every` ([`EventLoop::send_snapshot_if_due`]), through
-//! a writer thread so a stalled supervisor never blocks the loop.
+//! `Config::snapshot_every` ([`SnapshotOut`](crate::server::snapshots::SnapshotOut)),
+//! through a writer thread so a stalled supervisor never blocks the loop.
 //!
 //! The loop's hot path only bumps integers in [`Stats`](super::Stats);
 //! gauges that would need bookkeeping on every write (queued bytes,
 //! paused connections) are counted here instead, by one walk over the
 //! connections per scrape (about 20 µs at 20,000 connections).
 
-use super::latest_line::LatestLine;
 use super::EventLoop;
 use crate::metrics::{render, Snapshot};
 use crate::protocol::Protocol;
@@ -68,43 +67,6 @@ impl<P: Protocol> EventLoop<P> {
     pub(super) fn serve_metrics_if_due(&mut self) {
         if self.metrics.is_some() && self.now != self.metrics_served {
             self.on_metrics();
-        }
-    }
-
-    /// In a worker (see the module docs): writes `snapshot {json}` on
-    /// stdout when it is time. One walk over the connections and about
-    /// 700 bytes of JSON, a few times a second.
-    ///
-    /// Never blocks the loop: the line goes to a writer thread
-    /// ([`LatestLine`]) that keeps only the newest unsent one, so a
-    /// supervisor that stops reading costs snapshots, not clients. If the
-    /// supervisor is gone (EPIPE), the worker stops sending.
-    pub(super) fn send_snapshot_if_due(&mut self) {
-        let (Some(at), Some(every)) = (self.next_snapshot, self.config.snapshot_every) else {
-            return;
-        };
-        if self.now < at {
-            return;
-        }
-        if self.snapshot_out.is_none() {
-            match LatestLine::spawn("snapshot-out", std::io::stdout()) {
-                Ok(out) => self.snapshot_out = Some(out),
-                Err(e) => {
-                    log::warn!("cannot start the snapshot writer: {e}; no snapshots will be sent");
-                    self.next_snapshot = None;
-                    return;
-                }
-            }
-        }
-        let line = format!("snapshot {}\n", self.snapshot().to_json_line());
-        let out = self.snapshot_out.as_ref().expect("set above");
-        match out.send(line) {
-            Ok(()) => self.next_snapshot = Some(self.now + every.as_millis() as u64),
-            Err(e) => {
-                log::warn!("cannot send a snapshot to the supervisor: {e}; no more will be sent");
-                self.next_snapshot = None;
-                self.snapshot_out = None;
-            }
         }
     }
 

@@ -49,6 +49,7 @@ use slab::Slab;
 use super::connection::{Broadcast, Connection, Lists};
 use super::listen::{Listeners, SocketFile};
 use super::memory::MemoryCap;
+use super::snapshots::SnapshotOut;
 use super::stats::Stats;
 use super::timer::Timers;
 use super::token::{
@@ -67,7 +68,6 @@ mod accept;
 pub(crate) use accept::concerns_one_connection;
 mod broadcast;
 mod connections;
-mod latest_line;
 mod memory;
 mod metrics;
 mod shutdown;
@@ -179,11 +179,9 @@ pub(crate) struct EventLoop<P: Protocol> {
     metrics: Option<Endpoint>,
     /// The loop time (ms) the endpoint was last served at.
     metrics_served: u64,
-    /// In a worker whose supervisor serves `--metrics`: when (ms) to write
-    /// the next `snapshot` line on stdout (see `metrics.rs`).
-    next_snapshot: Option<u64>,
-    /// Where those lines go: a writer thread, started with the first.
-    snapshot_out: Option<latest_line::LatestLine>,
+    /// In a worker whose supervisor serves `--metrics`: its `snapshot`
+    /// lines on stdout.
+    snapshots: Option<SnapshotOut>,
     signals: Signals,
     stop: StopHandle,
     conns: Slab<Connection<P::Session>>,
@@ -292,8 +290,7 @@ impl<P: Protocol> EventLoop<P> {
             metrics_served: 0,
             // The first one right away, so a scrape soon after the start
             // already sees every worker.
-            next_snapshot: config.snapshot_every.map(|_| 0),
-            snapshot_out: None,
+            snapshots: SnapshotOut::new(config.snapshot_every),
             signals,
             stop,
             conns: Slab::new(),

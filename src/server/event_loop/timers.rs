@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{Accepting, EventLoop};
 use crate::protocol::Protocol;
 use crate::server::connection::{CloseReason, State};
+use crate::server::snapshots::SnapshotOut;
 use crate::server::token::connection_key;
 use crate::server::{until_nearest, LINGER};
 
@@ -29,7 +30,7 @@ impl<P: Protocol> EventLoop<P> {
                 accept_retry,
                 self.shutdown_deadline,
                 self.metrics.as_ref().and_then(|m| m.next_deadline()),
-                self.next_snapshot,
+                self.snapshots.as_ref().and_then(SnapshotOut::next_deadline),
             ],
         )
     }
@@ -49,7 +50,10 @@ impl<P: Protocol> EventLoop<P> {
             }
         }
         self.serve_metrics_if_due();
-        self.send_snapshot_if_due();
+        if let Some(mut out) = self.snapshots.take() {
+            out.send_if_due(self.now, || self.snapshot());
+            self.snapshots = Some(out);
+        }
         // Entries of closed connections are skipped when due; tidy them
         // away before they pile up (a closed connection costs nothing).
         let conns = &self.conns;

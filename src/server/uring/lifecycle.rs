@@ -227,6 +227,10 @@ impl<P: Protocol> Engine<P> {
             // Clients past their request deadline.
             m.expire(self.now);
         }
+        if let Some(mut out) = self.snapshots.take() {
+            out.send_if_due(self.now, || self.snapshot());
+            self.snapshots = Some(out);
+        }
         self.tidy_waiting();
         while let Some(token) = self.timers.pop_due(self.now) {
             let Some(key) = self.live(token.0 as u64) else {

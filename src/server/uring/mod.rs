@@ -62,6 +62,7 @@ mod metrics;
 mod udp;
 
 use crate::net::ring::{Event, PoolShape, Ring};
+use crate::server::snapshots::SnapshotOut;
 use conn::{Broadcast, Conn, Spare, OWNED_CHUNK_MAX};
 use udp::UdpSide;
 
@@ -182,6 +183,9 @@ pub struct Engine<P: Protocol> {
     now: u64,
     next_generation: u32,
     next_stats: Option<u64>,
+    /// In a worker whose supervisor serves `--metrics`: its `snapshot`
+    /// lines on stdout.
+    snapshots: Option<SnapshotOut>,
     shutdown_deadline: Option<u64>,
 }
 
@@ -245,6 +249,7 @@ pub fn new_engine<P: Protocol>(
     signal_hook::low_level::pipe::register(SIGINT, pipe_in).map_err(io)?;
     signal_hook::low_level::pipe::register(SIGTERM, pipe_in2).map_err(io)?;
     let next_stats = config.stats_interval.map(|d| d.as_millis() as u64);
+    let snapshots = SnapshotOut::new(config.snapshot_every);
     let mut engine = Engine {
         ring,
         tcp: Some(listeners.tcp),
@@ -277,6 +282,7 @@ pub fn new_engine<P: Protocol>(
         now: 0,
         next_generation: 1,
         next_stats,
+        snapshots,
         shutdown_deadline: None,
     };
     engine.arm_accepts().map_err(io)?;
@@ -366,6 +372,7 @@ impl<P: Protocol> Engine<P> {
                 accept_retry,
                 self.shutdown_deadline,
                 self.metrics.as_ref().and_then(|m| m.next_deadline()),
+                self.snapshots.as_ref().and_then(SnapshotOut::next_deadline),
             ],
         )
     }

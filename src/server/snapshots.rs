@@ -1,5 +1,6 @@
-//! A line writer that never blocks its caller: a worker's `snapshot`
-//! lines to the supervisor.
+//! A worker's `snapshot {json}` lines to its supervisor (`--workers` with
+//! `--metrics`), for either engine: [`SnapshotOut`] says when one is due,
+//! and [`LatestLine`] writes it without ever blocking the loop.
 //!
 //! A worker's stdout is a pipe to its supervisor. A blocking write from
 //! the event loop would stop every client of the worker as soon as that
@@ -13,6 +14,9 @@
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
+use std::time::Duration;
+
+use crate::metrics::Snapshot;
 
 #[derive(Default)]
 struct Slot {
@@ -91,6 +95,60 @@ fn write_lines(shared: &Shared, mut out: impl Write) {
         if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
             lock(shared).failed = Some(e.to_string());
             return;
+        }
+    }
+}
+
+/// When a worker's snapshots are due, and where they go: the first at
+/// once (the supervisor prints the `listening on` lines only once every
+/// worker has sent one), then every `every` of loop time.
+pub(crate) struct SnapshotOut {
+    every: Duration,
+    /// Loop time (ms) of the next one; `None` once the writer failed.
+    next: Option<u64>,
+    out: Option<LatestLine>,
+}
+
+impl SnapshotOut {
+    /// Snapshots every `every`, if set (`Config::snapshot_every`).
+    pub(crate) fn new(every: Option<Duration>) -> Option<SnapshotOut> {
+        every.map(|every| SnapshotOut {
+            every,
+            next: Some(0),
+            out: None,
+        })
+    }
+
+    /// Loop time (ms) the loop must wake by.
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        self.next
+    }
+
+    /// Writes `snapshot {json}` on stdout if one is due at `now`. If the
+    /// supervisor is gone (EPIPE), no more are sent.
+    pub(crate) fn send_if_due(&mut self, now: u64, snapshot: impl FnOnce() -> Snapshot) {
+        if !self.next.is_some_and(|at| now >= at) {
+            return;
+        }
+        if self.out.is_none() {
+            match LatestLine::spawn("snapshot-out", std::io::stdout()) {
+                Ok(out) => self.out = Some(out),
+                Err(e) => {
+                    log::warn!("cannot start the snapshot writer: {e}; no snapshots will be sent");
+                    self.next = None;
+                    return;
+                }
+            }
+        }
+        let line = format!("snapshot {}\n", snapshot().to_json_line());
+        let out = self.out.as_ref().expect("set above");
+        match out.send(line) {
+            Ok(()) => self.next = Some(now + self.every.as_millis() as u64),
+            Err(e) => {
+                log::warn!("cannot send a snapshot to the supervisor: {e}; no more will be sent");
+                self.next = None;
+                self.out = None;
+            }
         }
     }
 }
