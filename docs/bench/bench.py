@@ -57,6 +57,12 @@ def server_cmd(kind, port, extra=()):
         return [REACTOR, "serve", "--engine", kind, "--log-level", "warn", *addr, *extra]
     if kind == "c-ref":
         return [ARGS.c_ref, *addr]
+    if kind.startswith("peer@"):
+        # A peer server outside the repository (issue 15's tokio cell: a
+        # throwaway tokio echo) that takes its address as its one argument
+        # and prints a `listening on` line:
+        # `--uring-kinds reactor,peer@/tmp/tokio_echo/target/release/tokio_echo,c-ref`.
+        return [kind.split("@", 1)[1], f"127.0.0.1:{port}"]
     raise ValueError(kind)
 
 
