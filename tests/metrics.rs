@@ -429,10 +429,9 @@ fn a_replaced_workers_counters_go_on_and_its_clients_count_as_closed() {
     sums_equal_the_workers(&e, 2);
 }
 
-#[test]
-fn workers_with_metrics_print_the_metrics_line_last_and_exit_0() {
+fn workers_with_metrics_print_the_metrics_line_last_and_exit_0(engine: &str) {
     let (mut server, metrics, lines) =
-        start_with_metrics_lines(&["--workers", "2", "--udp", "127.0.0.1:0"]);
+        start_with_metrics_lines(&["--engine", engine, "--workers", "2", "--udp", "127.0.0.1:0"]);
     assert_eq!(lines.len(), 1, "udp, then metrics: {lines:?}");
     assert!(lines[0].starts_with("listening on udp "), "{lines:?}");
     scrape(metrics);
@@ -441,9 +440,9 @@ fn workers_with_metrics_print_the_metrics_line_last_and_exit_0() {
     // connecting: a parallel test may bind the freed port in between.)
     assert!(server.wait().success(), "{}", server.stderr_text());
 }
+engines!(workers_with_metrics_print_the_metrics_line_last_and_exit_0: reactor, uring);
 
-#[test]
-fn a_worker_whose_supervisor_stops_reading_keeps_serving() {
+fn a_worker_whose_supervisor_stops_reading_keeps_serving(engine: &str) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     // A worker as the supervisor starts it, snapshots every millisecond
@@ -451,6 +450,7 @@ fn a_worker_whose_supervisor_stops_reading_keeps_serving() {
     // second), and nobody reading its stdout after the first line.
     let mut worker = Command::new(common::bin())
         .args(["serve", "--addr", "127.0.0.1:0", "--log-level", "warn"])
+        .args(["--engine", engine])
         .args(["--worker-index", "0", "--snapshot-every-ms", "1"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -485,3 +485,4 @@ fn a_worker_whose_supervisor_stops_reading_keeps_serving() {
     assert!(worker.wait().unwrap().success());
     assert!(rest.len() >= 4096, "{} bytes", rest.len());
 }
+engines!(a_worker_whose_supervisor_stops_reading_keeps_serving: reactor, uring);

@@ -78,6 +78,9 @@ fn connections_land_on_several_workers_and_all_echo(engine: &str) {
         .find(|l| l.contains("supervisor] final stats:"))
         .unwrap_or_else(|| panic!("no summed final line: {text}"));
     assert!(total.contains("accepted=30 "), "{total}");
+    // Each worker ran the engine asked for (the uring engine logs its ring).
+    let rings = text.matches("io_uring:").count();
+    assert_eq!(rings, if engine == "uring" { 3 } else { 0 }, "{text}");
 }
 engines!(connections_land_on_several_workers_and_all_echo: reactor, uring);
 

@@ -5,9 +5,9 @@
 //! of a non-blocking call (`WouldBlock` means "not now", `Interrupted`
 //! means "again"), [`ready`] is the list of sockets a loop serves again
 //! after their budget ran out, [`limits`] raises the open-file limit
-//! that every socket counts against, and [`ring`] is the io_uring (the
-//! `--engine uring` server's, and the load tool's): the crate's only
-//! `unsafe`, behind a safe interface.
+//! that every socket counts against, and [`ring`] is the io_uring under
+//! `--engine uring`: the crate's only `unsafe`, behind a safe interface,
+//! here so that client code may use it too.
 
 pub mod io;
 pub mod limits;

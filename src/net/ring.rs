@@ -53,6 +53,15 @@ const KIND_SHIFT: u32 = 56;
 /// Tags must fit below the kind byte.
 pub const TAG_MAX: u64 = (1 << KIND_SHIFT) - 1;
 
+/// The `user_data` of an operation of `kind` for `tag`. A tag above
+/// [`TAG_MAX`] would spill into the kind byte and make, say, a receive's
+/// completion read as a send's, handing back a batch the kernel is still
+/// sending from: refused outright.
+fn user_data(kind: u64, tag: u64) -> u64 {
+    assert!(tag <= TAG_MAX, "io_uring tag {tag:#x} is above TAG_MAX");
+    kind << KIND_SHIFT | tag
+}
+
 const ACCEPT: u64 = 1;
 const RECV: u64 = 2;
 const SEND: u64 = 3;
@@ -226,8 +235,8 @@ pub enum Event {
         /// The batch, whole (the caller drops what was sent).
         batch: Batch,
     },
-    /// A one-shot poll armed with `tag` fired (the signal pipe, the
-    /// metrics endpoint); a cancelled one is not reported.
+    /// A one-shot poll armed with `tag` fired (the server's signal pipe,
+    /// metrics endpoint and UDP socket); a cancelled one is not reported.
     Polled {
         /// The caller's tag.
         tag: u64,
@@ -252,6 +261,12 @@ struct Pool {
     /// filled buffer `bid` since it was last provided.
     inc: bool,
     used: Vec<u32>,
+    /// `RecvBuf`s handed out and not yet recycled, per buffer, and whether
+    /// the kernel has used the buffer up: it is provided again only once
+    /// both say so, so no `RecvBuf` ever names bytes the kernel may be
+    /// writing again, whatever order the caller recycles them in.
+    lent: Vec<u16>,
+    spent: Vec<bool>,
 }
 
 impl Pool {
@@ -308,6 +323,8 @@ impl Pool {
             } else {
                 Vec::new()
             },
+            lent: vec![0; count as usize],
+            spent: vec![false; count as usize],
         })
     }
 
@@ -500,7 +517,7 @@ impl Ring {
         let e = opcode::AcceptMulti::new(Fd(fd.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build()
-            .user_data(ACCEPT << KIND_SHIFT | tag);
+            .user_data(user_data(ACCEPT, tag));
         // SAFETY: an accept without an address names no memory.
         unsafe { self.push(e) }
     }
@@ -510,7 +527,7 @@ impl Ring {
     pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, tag: u64) -> io::Result<()> {
         let e = opcode::RecvMulti::new(Fd(fd.as_raw_fd()), BGID)
             .build()
-            .user_data(RECV << KIND_SHIFT | tag);
+            .user_data(user_data(RECV, tag));
         // SAFETY: the kernel writes only into pool buffers it took from the
         // ring; the pool is never freed while the ring lives.
         unsafe { self.push(e) }
@@ -527,7 +544,7 @@ impl Ring {
             .buf_group(BGID)
             .build()
             .flags(squeue::Flags::BUFFER_SELECT)
-            .user_data(RECV << KIND_SHIFT | tag);
+            .user_data(user_data(RECV, tag));
         // SAFETY: as for `recv_multi`: the kernel writes only into a pool
         // buffer it took from the ring.
         unsafe { self.push(e) }
@@ -569,7 +586,7 @@ impl Ring {
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
         };
-        let e = e.user_data(SEND << KIND_SHIFT | key);
+        let e = e.user_data(user_data(SEND, key));
         // SAFETY: the entry points at the flight's chunks (heap bytes that
         // do not move when the chunk or the slab moves), its iovec array
         // (heap) and its boxed msghdr. The flight stays in `flights` until
@@ -591,7 +608,7 @@ impl Ring {
     pub fn poll_readable(&mut self, fd: &impl AsRawFd, tag: u64) -> io::Result<()> {
         let e = opcode::PollAdd::new(Fd(fd.as_raw_fd()), libc::POLLIN as u32)
             .build()
-            .user_data(POLL << KIND_SHIFT | tag);
+            .user_data(user_data(POLL, tag));
         // SAFETY: a poll names no memory.
         unsafe { self.push(e) }
     }
@@ -609,17 +626,17 @@ impl Ring {
 
     /// Cancels the multishot receive armed with `tag`.
     pub fn cancel_recv(&mut self, tag: u64) -> io::Result<()> {
-        self.cancel_user_data(RECV << KIND_SHIFT | tag)
+        self.cancel_user_data(user_data(RECV, tag))
     }
 
     /// Cancels the one-shot poll armed with `tag`.
     pub fn cancel_poll(&mut self, tag: u64) -> io::Result<()> {
-        self.cancel_user_data(POLL << KIND_SHIFT | tag)
+        self.cancel_user_data(user_data(POLL, tag))
     }
 
     /// Cancels the multishot accept armed with `tag`.
     pub fn cancel_accept(&mut self, tag: u64) -> io::Result<()> {
-        self.cancel_user_data(ACCEPT << KIND_SHIFT | tag)
+        self.cancel_user_data(user_data(ACCEPT, tag))
     }
 
     fn cancel_user_data(&mut self, user_data: u64) -> io::Result<()> {
@@ -743,6 +760,7 @@ impl Ring {
                                 off as usize + res as usize <= self.pool.size,
                                 "a receive past its buffer's end"
                             );
+                            self.pool.lent[bid as usize] += 1;
                             Ok(Some(RecvBuf {
                                 bid,
                                 off,
@@ -781,11 +799,10 @@ impl Ring {
         // SAFETY: `b` came from a completion, so the kernel has finished
         // writing bytes `b.off..b.off + b.len` of buffer `b.bid` (inside the
         // buffer: checked in `translate`). It does not write them again
-        // until the buffer is provided anew: a whole buffer only by
-        // `recycle`, which consumes `b`; an incremental one only by the
-        // recycling of the completion that used it up, which comes after
-        // this one (completions are handled in order, each recycled before
-        // the next). The pool is never freed while the ring lives.
+        // until the buffer is provided anew, which `recycle` does only once
+        // the kernel has used it up and every `RecvBuf` naming it, `b`
+        // included, has been recycled (`Pool::lent`); `b` is borrowed here,
+        // so it has not been. The pool is never freed while the ring lives.
         unsafe {
             std::slice::from_raw_parts(
                 self.pool
@@ -800,7 +817,11 @@ impl Ring {
     /// last completion is recycled; until then the kernel still fills it).
     pub fn recycle(&mut self, b: RecvBuf) {
         assert_eq!(b.ring, self.id, "a receive buffer of another ring");
-        if b.last {
+        let bid = b.bid as usize;
+        self.pool.lent[bid] -= 1;
+        self.pool.spent[bid] |= b.last;
+        if self.pool.spent[bid] && self.pool.lent[bid] == 0 {
+            self.pool.spent[bid] = false;
             self.pool.provide(b.bid);
         }
     }
@@ -982,5 +1003,42 @@ mod tests {
         assert_eq!(ring.bytes(&buf), b"again");
         assert_eq!((buf.bid, buf.off), (used_up[0], 0));
         ring.recycle(buf);
+    }
+
+    #[test]
+    fn a_used_up_buffer_waits_for_every_receive_that_names_it() {
+        let Some(mut ring) = two_buffer_ring() else {
+            return;
+        };
+        let (mut a, _a) = armed_pair(&mut ring, 1);
+        a.write_all(b"held").unwrap();
+        let (_, r) = next_received(&mut ring);
+        let held = r.unwrap().unwrap();
+        assert!(!held.last);
+        // Fill the rest of that buffer, recycling every later receive,
+        // the one that uses it up among them.
+        let mut rest = 64 * 1024 - 4;
+        let mut last = false;
+        while rest > 0 {
+            let n = rest.min(8192);
+            a.write_all(&vec![5; n]).unwrap();
+            let mut have = 0;
+            while have < n {
+                let (_, r) = next_received(&mut ring);
+                let buf = r.unwrap().unwrap();
+                have += buf.len();
+                if buf.bid == held.bid {
+                    last |= buf.last;
+                }
+                ring.recycle(buf);
+            }
+            rest -= n;
+        }
+        assert!(last, "the buffer was used up");
+        let tail = ring.pool.tail;
+        assert_eq!(tail, 2, "not provided again while `held` names it");
+        assert_eq!(ring.bytes(&held), b"held");
+        ring.recycle(held);
+        assert_eq!(ring.pool.tail, tail + 1, "provided once the last is back");
     }
 }

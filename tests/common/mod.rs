@@ -5,7 +5,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,26 +23,32 @@ const STARTUP: Duration = Duration::from_secs(120);
 
 /// Reads one line of the server's stdout; a server that prints nothing
 /// for [`STARTUP`] is killed, so the read ends (with an empty line, which
-/// the caller reports) instead of the test hanging. The child is not
-/// reaped before the test drops it, so its pid cannot be reused meanwhile.
+/// the caller reports) instead of the test hanging. The kill happens under
+/// the lock the reader takes when its read returns, and the child is
+/// reaped only after that (when the test drops it), so the pid killed is
+/// always the server's.
 fn read_line_or_kill(out: &mut impl BufRead, pid: u32) -> String {
-    let done = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(Mutex::new(false));
     let seen = done.clone();
     thread::spawn(move || {
         let deadline = Instant::now() + STARTUP;
-        while !seen.load(Ordering::Relaxed) {
+        loop {
+            thread::sleep(Duration::from_millis(100));
+            let seen = seen.lock().unwrap();
+            if *seen {
+                return;
+            }
             if Instant::now() >= deadline {
                 let _ = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
                     .status();
                 return;
             }
-            thread::sleep(Duration::from_millis(100));
         }
     });
     let mut line = String::new();
     let _ = out.read_line(&mut line);
-    done.store(true, Ordering::Relaxed);
+    *done.lock().unwrap() = true;
     line
 }
 

@@ -11,8 +11,10 @@
 //!            │   Received → bytes from the pool → protocol     │
 //!            │   Sent     → drop what went out, maybe resume   │
 //!            │   Polled   → the signal pipe: begin shutdown;   │
-//!            │              the metrics endpoint: serve it     │
-//!            │ deliver broadcasts; expire timers               │
+//!            │              the metrics endpoint: serve it;    │
+//!            │              the UDP socket: echo datagrams     │
+//!            │ deliver broadcasts; UDP left over: serve again  │
+//!            │ expire timers                                   │
 //!            │ queue one send per connection with output       │
 //!            └─────────────────────────────────────────────────┘
 //! ```
@@ -337,8 +339,10 @@ impl<P: Protocol> Engine<P> {
                 }
             }
             self.events = events;
-            if self.udp.as_ref().is_some_and(|u| u.again) {
-                self.on_udp(false)?;
+            if let Some(u) = self.udp.as_mut() {
+                if !std::mem::take(&mut u.served) && u.again {
+                    self.on_udp(false)?;
+                }
             }
             self.expire()?;
             self.resume_waiting();

@@ -37,6 +37,9 @@ pub(super) struct UdpSide {
     armed: bool,
     /// The receive budget ran out: serve again next turn without an event.
     pub(super) again: bool,
+    /// Served by this turn's poll completion, so the turn's end does not
+    /// serve it again (256 datagrams a turn at most).
+    pub(super) served: bool,
 }
 
 impl AsRawFd for UdpSide {
@@ -59,6 +62,7 @@ impl UdpSide {
             scratch: vec![0; 65_536],
             armed: false,
             again: false,
+            served: false,
         })
     }
 }
@@ -83,6 +87,7 @@ impl<P: Protocol> Engine<P> {
         };
         if fired {
             u.armed = false;
+            u.served = true;
         }
         let (mut readable, mut writable) = (std::mem::take(&mut u.again), false);
         match u.poll.poll(&mut u.events, Some(Duration::ZERO)) {
@@ -93,7 +98,13 @@ impl<P: Protocol> Engine<P> {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => readable = true,
-            Err(e) => log::warn!("udp: cannot poll the socket: {e}"),
+            // Its events would stay unread and the re-armed poll fire at
+            // once, every turn: give the socket up, as a metrics endpoint
+            // that cannot be watched is (TCP clients go on).
+            Err(e) => {
+                log::warn!("udp: cannot poll the socket ({e}); UDP echo stops");
+                return self.close_udp();
+            }
         }
         if writable {
             u.echo.on_writable(&mut self.stats);
