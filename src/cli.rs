@@ -17,7 +17,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use serde_json::json;
 
-use crate::client::load::{self, chat, message, udp, worker::Target, Options, Plan, Workload};
+use crate::client::load::{
+    self, chat, message, udp, worker::Target, Engine as LoadEngine, Options, Plan, Workload,
+};
 use crate::client::{connect, top};
 use crate::server::{self, Config, Engine, Mode, ServeError};
 
@@ -64,6 +66,18 @@ pub enum EngineArg {
     /// One blocking thread per client.
     Threads,
     /// One thread, one io_uring (completion-based I/O, Linux).
+    Uring,
+}
+
+/// `reactor load --engine`, as named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LoadEngineArg {
+    /// One mio poll loop per thread (readiness: a system call per read and
+    /// per write).
+    #[value(alias = "mio")]
+    Reactor,
+    /// One io_uring per thread (completion: a turn's sends and receives in
+    /// one system call; Linux, echo over streams).
     Uring,
 }
 
@@ -266,6 +280,10 @@ pub struct LoadArgs {
     /// holding at most its open-file limit less a reserve].
     #[arg(long, value_name = "P", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub processes: Option<u32>,
+    /// What drives each loop's streams: `reactor` (mio, readiness) or
+    /// `uring` (one io_uring per loop; echo over TCP or Unix streams).
+    #[arg(long, value_enum, default_value_t = LoadEngineArg::Reactor)]
+    pub engine: LoadEngineArg,
     /// Set by a parent load process: run as its child I.
     #[arg(long, value_name = "I", hide = true, requires = "processes")]
     pub process_index: Option<u32>,
@@ -403,6 +421,11 @@ impl LoadArgs {
         {
             return Err("--find-max-rate runs the echo workload over streams only".into());
         }
+        if self.engine == LoadEngineArg::Uring
+            && (self.workload != WorkloadArg::Echo || self.udp.is_some())
+        {
+            return Err("--engine uring runs the echo workload over streams only".into());
+        }
         if self.hdr_log.is_some() && self.interval == 0.0 {
             return Err("--hdr-log writes one histogram per --interval; it cannot be 0".into());
         }
@@ -430,6 +453,7 @@ impl LoadArgs {
             "hdr_log": self.hdr_log.as_ref().map(|p| p.display().to_string()),
             "find_max_rate": self.find_max_rate,
             "processes": self.processes,
+            "engine": self.engine().name(),
         })
     }
 
@@ -439,6 +463,13 @@ impl LoadArgs {
             WorkloadArg::Hold => Workload::Hold,
             WorkloadArg::Churn => Workload::Churn,
             WorkloadArg::Chat => Workload::Chat,
+        }
+    }
+
+    fn engine(&self) -> LoadEngine {
+        match self.engine {
+            LoadEngineArg::Reactor => LoadEngine::Reactor,
+            LoadEngineArg::Uring => LoadEngine::Uring,
         }
     }
 
@@ -482,6 +513,7 @@ impl LoadArgs {
         flag("threads", self.threads.to_string());
         flag("timeout", self.timeout.to_string());
         flag("interval", self.interval.to_string());
+        flag("engine", self.engine().name().into());
         if !self.source_ip.is_empty() {
             let ips: Vec<String> = self.source_ip.iter().map(|ip| ip.to_string()).collect();
             flag("source-ip", ips.join(","));
@@ -513,6 +545,7 @@ impl LoadArgs {
             timeout: Duration::from_secs_f64(self.timeout),
             source_ips: self.source_ip.clone(),
             interval: Duration::from_secs_f64(self.interval),
+            engine: self.engine(),
         }
     }
 }

@@ -827,6 +827,20 @@ impl Ring {
     }
 }
 
+/// The one line that says why [`Ring::new`] failed with `e` and what to
+/// use instead (the default, readiness, engine needs nothing of io_uring).
+pub fn unavailable(e: &io::Error) -> String {
+    let why = match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
+        }
+        Some(libc::ENOSYS) => " (this kernel has no io_uring)",
+        Some(libc::EINVAL) => " (this kernel's io_uring lacks a feature it needs)",
+        _ => "",
+    };
+    format!("io_uring unavailable: {e}{why}; use the default engine (--engine reactor)")
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         // The kernel finishes tearing the ring down after close returns, so

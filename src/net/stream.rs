@@ -60,6 +60,15 @@ impl<T: AsFd, U: AsFd> AnyStream<T, U> {
     }
 }
 
+impl<T: AsFd, U: AsFd> AsFd for AnyStream<T, U> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            AnyStream::Tcp(s) => s.as_fd(),
+            AnyStream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Stream {
     /// Reads without consuming (`MSG_PEEK`): the same bytes come again on
     /// the next read. TCP only (`None` for a Unix socket, which std offers

@@ -56,6 +56,26 @@ impl Workload {
     }
 }
 
+/// What drives a loop's stream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// A mio poll loop: readiness, a system call per read and per write.
+    Reactor,
+    /// An io_uring per loop (`worker/uring.rs`): a turn's sends submitted
+    /// and its replies received in one system call.
+    Uring,
+}
+
+impl Engine {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Reactor => "reactor",
+            Engine::Uring => "uring",
+        }
+    }
+}
+
 /// Everything a loop needs to know, shared by all of them.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -83,6 +103,8 @@ pub struct Plan {
     pub source_ips: Vec<IpAddr>,
     /// Live progress every this long; zero = none.
     pub interval: Duration,
+    /// What drives the stream connections (echo only for `Uring`).
+    pub engine: Engine,
 }
 
 impl Plan {

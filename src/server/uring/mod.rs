@@ -213,19 +213,7 @@ pub fn new_engine<P: Protocol>(
         P::MIRRORS_INPUT.then_some(BUF_INC),
         BUF_WHOLE,
     )
-    .map_err(|e| {
-        let why = match e.raw_os_error() {
-            Some(libc::EPERM) => {
-                " (refused: kernel.io_uring_disabled, or a seccomp filter such as a container's)"
-            }
-            Some(libc::ENOSYS) => " (this kernel has no io_uring)",
-            Some(libc::EINVAL) => " (this kernel's io_uring lacks a feature it needs)",
-            _ => "",
-        };
-        ServeError::Unavailable(format!(
-            "io_uring unavailable: {e}{why}; use the default engine (--engine reactor)"
-        ))
-    })?;
+    .map_err(|e| ServeError::Unavailable(crate::net::ring::unavailable(&e)))?;
     let (size, inc) = ring.buffer_size();
     log::info!(
         "io_uring: {} completion entries, {} receive buffers of {} bytes provided{}",

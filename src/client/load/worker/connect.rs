@@ -1,6 +1,8 @@
 //! Opening connections: non-blocking connects, paced and windowed, and
 //! what their failures mean (no descriptors, no ports, refused).
 
+use std::os::fd::AsFd;
+
 use super::*;
 
 impl Worker {
@@ -150,10 +152,19 @@ impl Worker {
         }
         // From now on WRITABLE is wanted only while output waits.
         conn.writable = false;
-        let _ = self
-            .poll
-            .registry()
-            .reregister(&mut conn.stream, Token(key), Interest::READABLE);
+        let registry = self.poll.registry();
+        if let Some(ring) = &mut self.ring {
+            // From now on the ring carries its traffic: out of the epoll
+            // set, and a multishot receive armed.
+            let _ = registry.deregister(&mut conn.stream);
+            if let Err(e) = ring.adopt(key, conn.stream.as_fd()) {
+                let id = conn.id;
+                let what = format!("connection {id}: cannot arm a receive: {e}");
+                return self.close_failed(key, Failure::Closed, what);
+            }
+        } else {
+            let _ = registry.reregister(&mut conn.stream, Token(key), Interest::READABLE);
+        }
         let first = match self.plan.workload {
             Workload::Echo if self.plan.rate > 0.0 => {
                 // Spread the connections' schedules over one period.

@@ -32,6 +32,7 @@ use crate::net::Stream;
 
 mod connect;
 mod traffic;
+mod uring;
 
 /// At most this many connects in progress per loop. A storm of SYNs all
 /// at once overflows the server's accept queue and turns into 1-second
@@ -110,6 +111,29 @@ struct Conn {
     on_ready_list: bool,
 }
 
+impl Conn {
+    /// Checks `data`, the next bytes received on this connection: how many
+    /// messages they completed, or what is wrong with them (a byte that
+    /// differs from what was sent, or bytes never sent). The one check of
+    /// both loops.
+    fn check_reply(&mut self, template: &Template, data: &[u8]) -> Result<u32, String> {
+        let id = self.id;
+        let completed = self
+            .check
+            .feed(template, id, data)
+            .map_err(|m| m.to_string())?;
+        let sent = self.next_seq;
+        if self.check.seq.wrapping_sub(sent) as i32 > 0
+            || (self.check.seq == sent && self.check.offset > 0)
+        {
+            return Err(format!(
+                "connection {id}: received bytes that were never sent"
+            ));
+        }
+        Ok(completed)
+    }
+}
+
 /// One loop's share of the work.
 pub struct Worker {
     plan: Arc<Plan>,
@@ -171,6 +195,9 @@ pub struct Worker {
     /// events, so this is one clock read per wake-up instead of one per
     /// message.
     clock: Instant,
+    /// `--engine uring`: the ring that carries every established
+    /// connection's traffic (`poll` then only sees connects).
+    ring: Option<uring::RingIo>,
     /// Messages completed, warm-up included (for the progress line).
     completions: u64,
     reported_messages: u64,
@@ -200,7 +227,12 @@ impl Worker {
         let next_id = ids.first().copied().unwrap_or(0);
         let id_step = (1.0 / share).round().max(1.0) as u32;
         let slots = ids.len();
+        let ring = match plan.engine {
+            super::Engine::Reactor => None,
+            super::Engine::Uring => Some(uring::RingIo::new(ids.len())?),
+        };
         Ok(Worker {
+            ring,
             sources: plan.source_ips.clone(),
             next_source: ids.first().map_or(0, |&i| i as usize),
             poll: Poll::new()?,
@@ -245,6 +277,9 @@ impl Worker {
         if self.phase == Phase::WarmingUp {
             self.enter(Phase::WarmingUp, Instant::now());
         }
+        if self.ring.is_some() {
+            return self.run_uring();
+        }
         let mut events = Events::with_capacity(1024);
         let mut last_timeout_check = Instant::now();
         let mut now = last_timeout_check;
@@ -260,21 +295,7 @@ impl Worker {
                 if i % CLOCK_EVERY == 0 {
                     self.clock = Instant::now();
                 }
-                let key = event.token().0;
-                if !self.conns.contains(key) {
-                    continue; // closed earlier in this batch
-                }
-                if event.is_writable() || event.is_error() || event.is_write_closed() {
-                    self.on_writable(key);
-                }
-                if self.conns.contains(key)
-                    && (event.is_readable() || event.is_read_closed() || event.is_error())
-                {
-                    // If the peer's FIN is queued behind the data, a short
-                    // read would hide it: its edge was this very event.
-                    let to_end = event.is_read_closed() || event.is_error();
-                    self.on_readable(key, to_end);
-                }
+                self.on_event(event);
             }
             let batch = self.ready.begin_turn();
             for (i, &key) in batch.iter().enumerate() {
@@ -290,24 +311,57 @@ impl Worker {
             }
             self.ready.end_turn(batch);
             now = Instant::now();
-            self.send_due(now);
-            if now.duration_since(last_timeout_check) >= TIMEOUT_CHECK {
-                self.check_timeouts(now);
-                last_timeout_check = now;
-            }
-            self.report_progress();
-            if self.live.as_ref().is_some_and(|l| now >= l.next) {
-                self.close_interval(now, false);
-            }
-            if self.advance(now) {
+            if self.end_turn(now, &mut last_timeout_check) {
                 break;
             }
         }
+        self.finish()
+    }
+
+    /// The end of every turn of either loop: messages that came due,
+    /// timeouts, progress, the interval, the phase. True when the run is
+    /// over.
+    fn end_turn(&mut self, now: Instant, last_timeout_check: &mut Instant) -> bool {
+        self.send_due(now);
+        if now.duration_since(*last_timeout_check) >= TIMEOUT_CHECK {
+            self.check_timeouts(now);
+            *last_timeout_check = now;
+        }
+        self.report_progress();
+        if self.live.as_ref().is_some_and(|l| now >= l.next) {
+            self.close_interval(now, false);
+        }
+        self.advance(now)
+    }
+
+    /// The run is over: the last progress and interval, and the tally.
+    fn finish(mut self) -> Tally {
         self.report_progress();
         self.close_interval(Instant::now(), true);
-        // Closing a socket takes it out of the epoll set (see `close_conn`).
+        // Closing a socket takes it out of the epoll set (see `close_conn`);
+        // dropping the ring cancels whatever it still had armed.
         self.conns.clear();
         self.tally
+    }
+
+    /// One readiness event: a connect that ended, output that may go,
+    /// replies to read.
+    fn on_event(&mut self, event: &mio::event::Event) {
+        let key = event.token().0;
+        if !self.conns.contains(key) {
+            return; // closed earlier in this batch
+        }
+        if event.is_writable() || event.is_error() || event.is_write_closed() {
+            self.on_writable(key);
+        }
+        if self.conns.contains(key)
+            && (event.is_readable() || event.is_read_closed() || event.is_error())
+        {
+            // If the peer's FIN is queued behind the data, a short read
+            // would hide it: its edge was this very event.
+            let to_end = event.is_read_closed() || event.is_error();
+            self.on_readable(key, to_end);
+        }
     }
 
     fn poll_timeout(&self, now: Instant, last_timeout_check: Instant) -> Duration {
