@@ -19,19 +19,18 @@ fn echo_server() -> Server {
 
 /// Runs `reactor load ADDR ARGS --json` against a fresh echo server,
 /// checks that it exited 0 and returns its report.
-fn load_ok(args: &[&str]) -> Value {
+fn load_ok(engine: &str, args: &[&str]) -> Value {
     let server = echo_server();
     let addr = server.addr.to_string();
-    let mut all = vec![addr.as_str()];
+    let mut all = vec![addr.as_str(), "--engine", engine];
     all.extend_from_slice(args);
     let (code, v) = load_json(&all);
     assert_eq!(code, Some(0), "{v}");
     v
 }
 
-#[test]
-fn echo_ping_pong_verifies_and_reports_latency() {
-    let v = load_ok(&["-c", "20", "-d", "1", "--warmup", "0.2"]);
+fn echo_ping_pong_verifies_and_reports_latency(engine: &str) {
+    let v = load_ok(engine, &["-c", "20", "-d", "1", "--warmup", "0.2"]);
     assert_eq!(v["ok"], true);
     assert_eq!(v["workload"], "echo");
     assert_eq!(v["connections_opened"], 20);
@@ -56,31 +55,39 @@ fn echo_ping_pong_verifies_and_reports_latency() {
     assert!(v["connect_latency_us"]["p50"].as_f64().unwrap() > 0.0);
     assert_eq!(v["settings"]["connections"], 20);
     assert_eq!(v["settings"]["pipeline"], 1);
+    assert_eq!(v["settings"]["engine"], engine);
 }
+loaders!(echo_ping_pong_verifies_and_reports_latency: reactor, uring);
 
-#[test]
-fn pipelined_echo_over_several_threads() {
-    let v = load_ok(&[
-        "-c",
-        "30",
-        "--pipeline",
-        "16",
-        "--threads",
-        "2",
-        "-s",
-        "1000",
-        "-d",
-        "1",
-        "--warmup",
-        "0",
-    ]);
+fn pipelined_echo_over_several_threads(engine: &str) {
+    let v = load_ok(
+        engine,
+        &[
+            "-c",
+            "30",
+            "--pipeline",
+            "16",
+            "--threads",
+            "2",
+            "-s",
+            "1000",
+            "-d",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    );
     assert_eq!(v["connections_opened"], 30);
     assert!(v["messages"].as_u64().unwrap() > 0);
+    assert_eq!(v["errors"]["total"], 0, "{v}");
 }
+loaders!(pipelined_echo_over_several_threads: reactor, uring);
 
-#[test]
-fn open_loop_rate_sends_on_schedule() {
-    let v = load_ok(&["-c", "10", "--rate", "100", "-d", "2", "--warmup", "0.5"]);
+fn open_loop_rate_sends_on_schedule(engine: &str) {
+    let v = load_ok(
+        engine,
+        &["-c", "10", "--rate", "100", "-d", "2", "--warmup", "0.5"],
+    );
     // 10 connections x 100/s x 2 s = 2,000 on schedule. The schedule is a
     // ceiling: open loop never sends ahead of it. How much of it a client
     // gets done is a matter of timing on a busy machine (it once got under
@@ -88,10 +95,11 @@ fn open_loop_rate_sends_on_schedule() {
     let n = v["messages"].as_u64().unwrap();
     assert!((10..=2_100).contains(&n), "{n} messages");
 }
+loaders!(open_loop_rate_sends_on_schedule: reactor, uring);
 
 #[test]
 fn hold_ten_thousand_connections() {
-    let v = load_ok(&["--workload", "hold", "-c", "10000", "-d", "1"]);
+    let v = load_ok("reactor", &["--workload", "hold", "-c", "10000", "-d", "1"]);
     assert_eq!(v["connections_opened"], 10_000);
     assert_eq!(v["survived"], 10_000);
     // One round trip before the hold and one after, on every connection.
@@ -101,16 +109,19 @@ fn hold_ten_thousand_connections() {
 
 #[test]
 fn churn_opens_and_closes_connections() {
-    let v = load_ok(&[
-        "--workload",
-        "churn",
-        "-c",
-        "8",
-        "-d",
-        "1",
-        "--warmup",
-        "0.2",
-    ]);
+    let v = load_ok(
+        "reactor",
+        &[
+            "--workload",
+            "churn",
+            "-c",
+            "8",
+            "-d",
+            "1",
+            "--warmup",
+            "0.2",
+        ],
+    );
     let cycles = v["cycles"].as_u64().unwrap();
     assert!(cycles > 8, "{v}");
     assert_eq!(v["messages"].as_u64().unwrap(), cycles);
@@ -120,18 +131,21 @@ fn churn_opens_and_closes_connections() {
 
 #[test]
 fn connect_rate_paces_new_connections() {
-    let v = load_ok(&[
-        "--workload",
-        "churn",
-        "-c",
-        "4",
-        "--connect-rate",
-        "50",
-        "-d",
-        "1",
-        "--warmup",
-        "0",
-    ]);
+    let v = load_ok(
+        "reactor",
+        &[
+            "--workload",
+            "churn",
+            "-c",
+            "4",
+            "--connect-rate",
+            "50",
+            "-d",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    );
     // At most 50 a second (plus the first), however fast the machine.
     let opened = v["connections_opened"].as_u64().unwrap();
     assert!((5..=60).contains(&opened), "{opened} connections");
@@ -139,16 +153,19 @@ fn connect_rate_paces_new_connections() {
 
 #[test]
 fn source_addresses_are_used() {
-    let v = load_ok(&[
-        "-c",
-        "6",
-        "--source-ip",
-        "127.0.0.2,127.0.0.3",
-        "-d",
-        "0.5",
-        "--warmup",
-        "0",
-    ]);
+    let v = load_ok(
+        "reactor",
+        &[
+            "-c",
+            "6",
+            "--source-ip",
+            "127.0.0.2,127.0.0.3",
+            "-d",
+            "0.5",
+            "--warmup",
+            "0",
+        ],
+    );
     assert_eq!(v["settings"]["source_ip"][1], "127.0.0.3");
 }
 
@@ -191,11 +208,12 @@ fn corrupting_peer(flip_at: usize) -> (SocketAddr, Arc<AtomicBool>) {
     (addr, stop)
 }
 
-#[test]
-fn one_flipped_byte_is_reported_and_fails_the_run() {
+fn one_flipped_byte_is_reported_and_fails_the_run(engine: &str) {
     let (addr, stop) = corrupting_peer(1000);
     let addr = addr.to_string();
-    let (code, v) = load_json(&[&addr, "-c", "3", "-d", "1", "--warmup", "0"]);
+    let (code, v) = load_json(&[
+        &addr, "--engine", engine, "-c", "3", "-d", "1", "--warmup", "0",
+    ]);
     stop.store(true, Ordering::Relaxed);
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(v["ok"], false);
@@ -204,6 +222,7 @@ fn one_flipped_byte_is_reported_and_fails_the_run() {
     // Byte 1000 of the stream is byte 40 of message 15 (64-byte messages).
     assert!(what.contains("message 15 byte 40"), "{what}");
 }
+loaders!(one_flipped_byte_is_reported_and_fails_the_run: reactor, uring);
 
 #[test]
 fn the_table_names_the_failure_too() {
@@ -216,8 +235,7 @@ fn the_table_names_the_failure_too() {
     assert!(text.contains("result        FAILED"), "{text}");
 }
 
-#[test]
-fn a_server_that_hangs_up_is_counted() {
+fn a_server_that_hangs_up_is_counted(engine: &str) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
@@ -228,30 +246,54 @@ fn a_server_that_hangs_up_is_counted() {
             let _ = s.write_all(&buf);
         }
     });
-    let (code, v) = load_json(&[&addr.to_string(), "-c", "1", "-d", "1", "--warmup", "0"]);
+    let (code, v) = load_json(&[
+        &addr.to_string(),
+        "--engine",
+        engine,
+        "-c",
+        "1",
+        "-d",
+        "1",
+        "--warmup",
+        "0",
+    ]);
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(v["errors"]["closed"], 1, "{v}");
+    let what = v["failures"][0].as_str().unwrap();
+    assert!(what.contains("closed by the server"), "{what}");
 }
+loaders!(a_server_that_hangs_up_is_counted: reactor, uring);
 
-#[test]
-fn nobody_listening_is_a_connect_failure() {
+fn nobody_listening_is_a_connect_failure(engine: &str) {
     let free = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let (code, v) = load_json(&[&free.to_string(), "-c", "5", "-d", "0.5", "--warmup", "0"]);
+    let (code, v) = load_json(&[
+        &free.to_string(),
+        "--engine",
+        engine,
+        "-c",
+        "5",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0",
+    ]);
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(v["connections_opened"], 0);
     assert_eq!(v["errors"]["connect"], 5, "{v}");
 }
+loaders!(nobody_listening_is_a_connect_failure: reactor, uring);
 
-#[test]
-fn a_peer_that_never_answers_times_out() {
+fn a_peer_that_never_answers_times_out(engine: &str) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // Accepted by the kernel's backlog, never read.
     let (code, v) = load_json(&[
         &addr.to_string(),
+        "--engine",
+        engine,
         "-c",
         "2",
         "-d",
@@ -265,6 +307,7 @@ fn a_peer_that_never_answers_times_out() {
     assert_eq!(code, Some(1), "{v}");
     assert_eq!(v["errors"]["timeout"], 2, "{v}");
 }
+loaders!(a_peer_that_never_answers_times_out: reactor, uring);
 
 #[test]
 fn the_open_file_limit_is_named_before_it_is_reached() {
@@ -299,6 +342,9 @@ fn flags_that_do_not_go_together_exit_two() {
         vec!["--udp", "127.0.0.1:9", "-s", "4"],
         vec!["--timeout", "0"],
         vec!["--workload", "storm"],
+        vec!["--engine", "uring", "--workload", "hold"],
+        vec!["--engine", "uring", "--udp", "127.0.0.1:9"],
+        vec!["--engine", "epoll"],
     ] {
         let out = load(&args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -46,12 +46,13 @@ fn test_server(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr 
     addr
 }
 
-#[test]
-fn intervals_cover_the_run_in_order_and_match_the_lines() {
+fn intervals_cover_the_run_in_order_and_match_the_lines(engine: &str) {
     let server = Server::start(&["--log-level", "warn"]);
     let addr = server.addr.to_string();
     let (code, v, stderr) = load_full(&[
         &addr,
+        "--engine",
+        engine,
         "-c",
         "4",
         "-d",
@@ -87,6 +88,7 @@ fn intervals_cover_the_run_in_order_and_match_the_lines() {
     let total: u64 = rows.iter().map(|r| r["messages"].as_u64().unwrap()).sum();
     assert!(total >= v["messages"].as_u64().unwrap(), "{total} vs {v}");
 }
+loaders!(intervals_cover_the_run_in_order_and_match_the_lines: reactor, uring);
 
 #[test]
 fn no_interval_means_no_lines() {
@@ -98,16 +100,20 @@ fn no_interval_means_no_lines() {
     assert!(!stderr.contains("msgs/s"), "{stderr}");
 }
 
-#[test]
-fn the_hdr_log_reads_back_with_every_message() {
-    hdr_log_holds_every_message("one", &[]);
+fn the_hdr_log_reads_back_with_every_message(engine: &str) {
+    hdr_log_holds_every_message(&format!("one-{engine}"), &["--engine", engine]);
 }
+loaders!(the_hdr_log_reads_back_with_every_message: reactor, uring);
 
-#[test]
-fn the_hdr_log_of_several_load_processes_holds_every_message() {
-    let v = hdr_log_holds_every_message("two", &["--processes", "2"]);
+fn the_hdr_log_of_several_load_processes_holds_every_message(engine: &str) {
+    let v = hdr_log_holds_every_message(
+        &format!("two-{engine}"),
+        &["--processes", "2", "--engine", engine],
+    );
     assert_eq!(v["processes"], 2, "{v}");
+    assert_eq!(v["settings"]["engine"], engine, "{v}");
 }
+loaders!(the_hdr_log_of_several_load_processes_holds_every_message: reactor, uring);
 
 /// Runs 4 open-loop clients with `--hdr-log` (and `extra`), reads the log
 /// back: one histogram per interval row, holding every message of the
@@ -190,8 +196,7 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
-#[test]
-fn a_stall_shows_in_corrected_latency_more_than_in_uncorrected() {
+fn a_stall_shows_in_corrected_latency_more_than_in_uncorrected(engine: &str) {
     // Echoes, but once, 40 messages in, stops for 200 ms.
     let stalled = Arc::new(AtomicBool::new(false));
     let addr = test_server(move |mut s| {
@@ -209,6 +214,8 @@ fn a_stall_shows_in_corrected_latency_more_than_in_uncorrected() {
     });
     let (code, v, _) = load_full(&[
         &addr.to_string(),
+        "--engine",
+        engine,
         "-c",
         "1",
         "--rate",
@@ -232,9 +239,9 @@ fn a_stall_shows_in_corrected_latency_more_than_in_uncorrected() {
         "uncorrected {u}, corrected {c}"
     );
 }
+loaders!(a_stall_shows_in_corrected_latency_more_than_in_uncorrected: reactor, uring);
 
-#[test]
-fn latency_counts_the_time_a_reply_takes_with_one_clock_read_per_wake_up() {
+fn latency_counts_the_time_a_reply_takes_with_one_clock_read_per_wake_up(engine: &str) {
     // Every reply is held 20 ms. The load loop reads the clock once per
     // wake-up (and per 16 events), not per message: a reading kept from
     // an earlier wake-up would show these round trips as 0, one never
@@ -251,6 +258,8 @@ fn latency_counts_the_time_a_reply_takes_with_one_clock_read_per_wake_up() {
     });
     let (code, v, _) = load_full(&[
         &addr.to_string(),
+        "--engine",
+        engine,
         "-c",
         "4",
         "-d",
@@ -271,6 +280,7 @@ fn latency_counts_the_time_a_reply_takes_with_one_clock_read_per_wake_up() {
     let msgs = f(&v["messages"]);
     assert!(msgs > 0.0 && msgs <= 4.0 * 1.0 / 0.020 * 1.5, "{v}");
 }
+loaders!(latency_counts_the_time_a_reply_takes_with_one_clock_read_per_wake_up: reactor, uring);
 
 /// Echoes 64-byte messages, at most `per_sec` a second over all connections.
 fn capped_echo(per_sec: f64) -> SocketAddr {

@@ -190,3 +190,31 @@ fn load_over_unix_runs_every_stream_workload(engine: &str) {
     }
 }
 engines!(load_over_unix_runs_every_stream_workload: reactor, uring);
+
+fn the_uring_loader_runs_echo_over_unix(engine: &str) {
+    if !loader_available("uring") {
+        return;
+    }
+    let path = TempPath::new();
+    let _server = unix_server(engine, &path, &[]);
+    for pipeline in ["1", "16"] {
+        let (code, v) = load_json(&[
+            "--unix",
+            path.as_str(),
+            "--engine",
+            "uring",
+            "--pipeline",
+            pipeline,
+            "-c",
+            "20",
+            "-d",
+            "0.5",
+            "--warmup",
+            "0.2",
+        ]);
+        assert_eq!(code, Some(0), "{v}");
+        assert!(v["messages"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(v["errors"]["total"], 0, "{v}");
+    }
+}
+engines!(the_uring_loader_runs_echo_over_unix: reactor, uring);

@@ -482,3 +482,47 @@ pub fn scrape(addr: SocketAddr) -> reactor::metrics::exposition::Exposition {
     );
     reactor::metrics::exposition::parse(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
 }
+
+/// Whether `reactor load --engine ENGINE` can run here: io_uring may be
+/// refused (an old kernel, a seccomp filter); then this prints SKIP.
+pub fn loader_available(engine: &str) -> bool {
+    if engine != "uring" {
+        return true;
+    }
+    let small = reactor::net::ring::PoolShape {
+        buffers: 4,
+        size: 4096,
+        initial: 4,
+    };
+    match reactor::net::ring::Ring::new(8, 8, None, small) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP: io_uring refused here ({e})");
+            false
+        }
+    }
+}
+
+/// Runs a load test written as `fn name(engine: &str)` once per
+/// `reactor load --engine` named, as `name::ENGINE`; a loader this kernel
+/// cannot run prints SKIP (see [`loader_available`]).
+///
+/// ```ignore
+/// fn counts(engine: &str) { load_json(&[addr, "--engine", engine]); ... }
+/// loaders!(counts: reactor, uring);
+/// ```
+#[macro_export]
+macro_rules! loaders {
+    ($test:ident: $($engine:ident),+) => {
+        mod $test {
+            $(
+                #[test]
+                fn $engine() {
+                    if crate::common::loader_available(stringify!($engine)) {
+                        super::$test(stringify!($engine));
+                    }
+                }
+            )+
+        }
+    };
+}
