@@ -75,6 +75,19 @@ const BUF_WHOLE: PoolShape = PoolShape {
     size: 4096,
     initial: 256,
 };
+/// Closed loop: a turn waits for the replies of this share of the
+/// connections (at most [`WAIT_MOST`]), or, after [`MIN_WAIT`], for any:
+/// one wake-up per batch of replies rather than per reply. It is what
+/// makes a message cheaper here than in the server it drives (waiting
+/// for one completion per turn, the loop cost 0.92-0.96 of the C server's
+/// CPU per message ping-pong; see docs/load.md). The batch is what the
+/// server's core was going to answer anyway: in closed loop the server
+/// has every other connection's messages to work on meanwhile.
+const WAIT_SHARE: usize = 4;
+const WAIT_MOST: usize = 64;
+/// The longest a reply that has arrived waits for others before the loop
+/// looks at it: a bound on what batching adds to a measured latency.
+const MIN_WAIT: Duration = Duration::from_micros(50);
 /// Tag of the one-shot poll on the `Poll`'s epoll descriptor.
 const CONNECTS: u64 = 0;
 
@@ -204,12 +217,21 @@ impl RingIo {
 
     /// Hands every connection's waiting output to the ring (one send per
     /// connection with none in flight), then submits it all and waits for
-    /// completions, at most `timeout`: one `io_uring_enter`.
-    fn turn(&mut self, poll: &Poll, conns: &Slab<Conn>, timeout: Duration) -> io::Result<()> {
+    /// completions, at most `timeout`: one `io_uring_enter`. With
+    /// `replies` connections expecting replies, it waits for a share of
+    /// them (see [`WAIT_SHARE`]).
+    fn turn(
+        &mut self,
+        poll: &Poll,
+        conns: &Slab<Conn>,
+        timeout: Duration,
+        replies: usize,
+    ) -> io::Result<()> {
         if !self.connects_armed {
             self.ring.poll_readable(poll, CONNECTS)?;
             self.connects_armed = true;
         }
+        let mut sends = 0;
         for key in std::mem::take(&mut self.dirty).drain(..) {
             let rc = &mut self.conns[key];
             rc.dirty = false;
@@ -224,8 +246,17 @@ impl RingIo {
             rc.flying = true;
             let tag = tag_of(key, rc.generation);
             self.ring.send(conn.stream.as_fd(), batch, tag)?;
+            sends += 1;
         }
-        self.ring.submit_and_wait(Some(timeout))?;
+        // The sends' own completions are in the count too (most complete
+        // during the submission itself).
+        let want = (replies / WAIT_SHARE).min(WAIT_MOST);
+        if want > 1 {
+            self.ring
+                .submit_and_wait_for(sends + want, MIN_WAIT, timeout)?;
+        } else {
+            self.ring.submit_and_wait(Some(timeout))?;
+        }
         // The cancels for these are in the kernel now.
         self.closing.clear();
         Ok(())
@@ -252,8 +283,15 @@ impl Worker {
         loop {
             self.open_more(now);
             let timeout = self.poll_timeout(now, last_timeout_check);
+            // Open loop sends on a schedule and waits for nothing more than
+            // its next due time; the closing phases wait for stragglers.
+            let replies = if self.plan.open_loop() || !self.sending() {
+                0
+            } else {
+                self.conns.len() - self.connecting
+            };
             let ring = self.ring.as_mut().expect("run_uring runs with a ring");
-            if let Err(e) = ring.turn(&self.poll, &self.conns, timeout) {
+            if let Err(e) = ring.turn(&self.poll, &self.conns, timeout, replies) {
                 self.tally
                     .fail(Failure::Closed, || format!("io_uring failed: {e}"));
                 break;
