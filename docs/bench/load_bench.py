@@ -12,7 +12,14 @@ time (TCP's receive work on loopback) that no process is charged for.
 "load/server" is the ratio of the two processes' CPU in each run: the same
 messages divide both, so it is the steadiest figure when other work on the
 machine moves the rate. Several loader binaries can be compared in the
-same run (alternating, so they meet the same machine).
+same run (alternating, so they meet the same machine). A loader may carry
+flags of its own after its path, e.g. the io_uring loop against the mio one
+with one binary:
+
+    --loader mio="target/release/reactor" \
+    --loader uring="target/release/reactor --engine uring"
+
+Each run also records the 1-minute load average when it began.
 
     cargo build --release && cp target/release/reactor /tmp/reactor-after
     gcc -O2 -o /tmp/epoll_echo ../shared/reference/epoll_echo.c
@@ -98,10 +105,12 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
     try:
         line = server.stdout.readline()
         assert line.startswith("listening on"), line
-        cmd = ["taskset", "-c", "1", loader, "load", f"127.0.0.1:{port}", "--json",
+        path, *flags = loader.split()
+        cmd = ["taskset", "-c", "1", path, "load", *flags, f"127.0.0.1:{port}", "--json",
                "-c", str(conns), "--pipeline", str(pipeline), "-s", "64",
                "-d", str(duration), "--warmup", str(warmup), "--timeout", "30",
                "--interval", "0.25"]
+        loadavg = float(open("/proc/loadavg").read().split()[0])
         launched = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         start, length = warmup + 1.5, duration - 2.5
@@ -127,6 +136,7 @@ def run(c_ref, loader, conns, pipeline, warmup=2.0, duration=6.0):
     msgs = window_messages(v["intervals"], t0 - launched, t0 - launched + secs)
     row = {"conns": conns, "pipeline": pipeline, "ok": v["ok"],
            "msgs_per_sec": v["msgs_per_sec"], "window_msgs_per_sec": msgs / secs,
+           "loadavg": loadavg,
            "server_core_util": (k1[0] - k0[0]) / secs, "load_core_util": (k1[1] - k0[1]) / secs,
            "server_core_ns_per_msg": 1e9 * (k1[0] - k0[0]) / msgs,
            "load_core_ns_per_msg": 1e9 * (k1[1] - k0[1]) / msgs,
@@ -161,7 +171,8 @@ def main():
             med = {k: statistics.median(r[k] for r in rs)
                    for k in rs[0] if k not in ("ok", "conns", "pipeline")}
             med.update(loader=name, conns=conns, pipeline=pipeline, ok=all(r["ok"] for r in rs),
-                       ratios=[r["load_ns_per_msg"] / r["server_ns_per_msg"] for r in rs])
+                       ratios=[r["load_ns_per_msg"] / r["server_ns_per_msg"] for r in rs],
+                       loadavgs=[r["loadavg"] for r in rs])
             rows.append(med)
             print(f"{name:8} c={conns:5} p={pipeline:3} {med['msgs_per_sec']:>10.0f} msg/s  "
                   f"server {med['server_util']:.2f} CPU {med['server_ns_per_msg']:6.0f} ns/msg "
@@ -171,7 +182,7 @@ def main():
                   f"cores: server {med['server_core_util']:.2f}, load {med['load_core_util']:.2f} "
                   f"| load/server ns {statistics.median(med['ratios']):.3f} "
                   f"({' '.join(f'{x:.3f}' for x in med['ratios'])}) "
-                  f"| {open('/proc/loadavg').read().split()[0]}",
+                  f"| load avg {' '.join(f'{x:.1f}' for x in med['loadavgs'])}",
                   flush=True)
     print("uptime:", open("/proc/loadavg").read().strip())
     if args.out:
