@@ -518,7 +518,7 @@ macro_rules! loaders {
             $(
                 #[test]
                 fn $engine() {
-                    if crate::common::loader_available(stringify!($engine)) {
+                    if $crate::common::loader_available(stringify!($engine)) {
                         super::$test(stringify!($engine));
                     }
                 }
