@@ -673,19 +673,22 @@ impl Ring {
 
     /// [`Ring::submit_and_wait`] for several completions: waits until
     /// `want` are there or, once `min_wait` has passed, until at least one
-    /// is (`timeout` bounds the whole wait). One system call, and one
-    /// wake-up for a batch rather than for its first completion. Kernels
-    /// before 6.12 have no such minimum wait: there it waits for one.
+    /// is (`timeout` bounds the whole wait; `None`: as long as it takes).
+    /// One system call, and one wake-up for a batch rather than for its
+    /// first completion. Kernels before 6.12 have no such minimum wait:
+    /// there it waits for one.
     pub fn submit_and_wait_for(
         &mut self,
         want: usize,
         min_wait: Duration,
-        timeout: Duration,
+        timeout: Option<Duration>,
     ) -> io::Result<()> {
         if want <= 1 || !self.uring.params().is_feature_min_timeout() {
-            return self.submit_and_wait(Some(timeout));
+            return self.submit_and_wait(timeout);
         }
-        self.timeout = Timespec::from(timeout);
+        // Without a timeout the kernel ends the whole wait at the minimum
+        // wait, completions or not: "as long as it takes" is a long one.
+        self.timeout = Timespec::from(timeout.unwrap_or(Duration::from_secs(3600)));
         let usec = min_wait.as_micros().clamp(1, u32::MAX as u128) as u32;
         let args = SubmitArgs::new()
             .timespec(&self.timeout)
@@ -963,7 +966,7 @@ mod tests {
         let started = std::time::Instant::now();
         let mut events = Vec::new();
         while events.is_empty() {
-            ring.submit_and_wait_for(5, Duration::from_millis(10), Duration::from_secs(20))
+            ring.submit_and_wait_for(5, Duration::from_millis(10), Some(Duration::from_secs(20)))
                 .unwrap();
             ring.complete(&mut events, 8);
         }
@@ -977,6 +980,33 @@ mod tests {
             panic!("not the receive");
         };
         assert_eq!(ring.bytes(&buf), b"one");
+        ring.recycle(buf);
+    }
+
+    #[test]
+    fn a_wait_for_several_without_a_timeout_lasts_until_a_completion() {
+        let mut ring = Ring::new(8, 64, None, WHOLE).unwrap();
+        let (mut a, _a) = armed_pair(&mut ring, 1);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            a.write_all(b"late").unwrap();
+            a
+        });
+        // Nothing has come when the 1 ms minimum wait is over: one call
+        // still returns only with the receive.
+        ring.submit_and_wait_for(5, Duration::from_millis(1), None)
+            .unwrap();
+        let mut events = Vec::new();
+        ring.complete(&mut events, 8);
+        let _a = writer.join().unwrap();
+        let Some(Event::Received {
+            result: Ok(Some(buf)),
+            ..
+        }) = events.pop()
+        else {
+            panic!("returned without the receive: {events:?}");
+        };
+        assert_eq!(ring.bytes(&buf), b"late");
         ring.recycle(buf);
     }
 

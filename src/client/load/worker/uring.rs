@@ -253,7 +253,7 @@ impl RingIo {
         let want = (replies / WAIT_SHARE).min(WAIT_MOST);
         if want > 1 {
             self.ring
-                .submit_and_wait_for(sends + want, MIN_WAIT, timeout)?;
+                .submit_and_wait_for(sends + want, MIN_WAIT, Some(timeout))?;
         } else {
             self.ring.submit_and_wait(Some(timeout))?;
         }
