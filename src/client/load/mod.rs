@@ -2,7 +2,8 @@
 //!
 //! Each of `--threads` loops is a mio poll loop that owns its share of
 //! the connections ([`worker`] for TCP and Unix streams, [`udp`] for
-//! datagrams). Every message carries its connection id and sequence number
+//! datagrams); with `--engine uring` a stream loop carries its traffic on
+//! one io_uring instead (`worker/uring.rs`). Every message carries its connection id and sequence number
 //! ([`message`]), and every byte that comes back is checked. Latencies go
 //! into HDR histograms; the loops' tallies are merged into one
 //! [`report::Report`], printed as a table or as JSON.
