@@ -84,6 +84,7 @@ const BUF_WHOLE: PoolShape = PoolShape {
 /// server's core was going to answer anyway: in closed loop the server
 /// has every other connection's messages to work on meanwhile.
 const WAIT_SHARE: usize = 4;
+/// The most replies a turn waits for (see [`WAIT_SHARE`]).
 const WAIT_MOST: usize = 64;
 /// The longest a reply that has arrived waits for others before the loop
 /// looks at it: a bound on what batching adds to a measured latency.
