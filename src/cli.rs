@@ -72,6 +72,9 @@ pub enum EngineArg {
 /// `reactor load --engine`, as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LoadEngineArg {
+    /// `uring` for the echo workload over streams where this kernel gives
+    /// the process an io_uring, `reactor` otherwise.
+    Auto,
     /// One mio poll loop per thread (readiness: a system call per read and
     /// per write).
     #[value(alias = "mio")]
@@ -280,9 +283,10 @@ pub struct LoadArgs {
     /// holding at most its open-file limit less a reserve].
     #[arg(long, value_name = "P", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub processes: Option<u32>,
-    /// What drives each loop's streams: `reactor` (mio, readiness) or
-    /// `uring` (one io_uring per loop; echo over TCP or Unix streams).
-    #[arg(long, value_enum, default_value_t = LoadEngineArg::Reactor)]
+    /// What drives each loop's streams: `reactor` (mio, readiness),
+    /// `uring` (one io_uring per loop; echo over TCP or Unix streams), or
+    /// `auto`: uring where it can run, else reactor.
+    #[arg(long, value_enum, default_value_t = LoadEngineArg::Auto)]
     pub engine: LoadEngineArg,
     /// Set by a parent load process: run as its child I.
     #[arg(long, value_name = "I", hide = true, requires = "processes")]
@@ -466,10 +470,20 @@ impl LoadArgs {
         }
     }
 
+    /// The engine that runs: `auto` decided here, once, so the report and
+    /// any child load process name what ran.
     fn engine(&self) -> LoadEngine {
         match self.engine {
             LoadEngineArg::Reactor => LoadEngine::Reactor,
             LoadEngineArg::Uring => LoadEngine::Uring,
+            LoadEngineArg::Auto => {
+                let streams_echo = self.workload == WorkloadArg::Echo && self.udp.is_none();
+                if streams_echo && crate::client::load::uring_usable() {
+                    LoadEngine::Uring
+                } else {
+                    LoadEngine::Reactor
+                }
+            }
         }
     }
 

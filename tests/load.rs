@@ -332,6 +332,24 @@ fn the_open_file_limit_is_named_before_it_is_reached() {
     assert!(why.contains("more processes"), "{why}");
 }
 
+/// `--engine auto`, the default: the uring loop for echo over streams
+/// where io_uring can run, the mio loop for everything else; the report
+/// names the one that ran.
+#[test]
+fn the_default_engine_is_uring_for_echo_where_it_can_run_and_reactor_otherwise() {
+    let server = echo_server();
+    let addr = server.addr.to_string();
+    let (code, echo) = load_json(&[&addr, "-c", "4", "-d", "0.5", "--warmup", "0"]);
+    assert_eq!(code, Some(0), "{echo}");
+    let uring = loader_available("uring");
+    let expected = if uring { "uring" } else { "reactor" };
+    assert_eq!(echo["settings"]["engine"], expected, "{echo}");
+    assert!(echo["messages"].as_u64().unwrap() > 0, "{echo}");
+    let (code, hold) = load_json(&[&addr, "--workload", "hold", "-c", "4", "-d", "0.2"]);
+    assert_eq!(code, Some(0), "{hold}");
+    assert_eq!(hold["settings"]["engine"], "reactor", "{hold}");
+}
+
 #[test]
 fn flags_that_do_not_go_together_exit_two() {
     for args in [

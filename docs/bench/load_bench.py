@@ -16,7 +16,7 @@ same run (alternating, so they meet the same machine). A loader may carry
 flags of its own after its path, e.g. the io_uring loop against the mio one
 with one binary:
 
-    --loader mio="target/release/reactor" \
+    --loader mio="target/release/reactor --engine reactor" \
     --loader uring="target/release/reactor --engine uring"
 
 Each run also records the 1-minute load average when it began.

@@ -868,7 +868,7 @@ pub fn unavailable(e: &io::Error) -> String {
         Some(libc::EINVAL) => " (this kernel's io_uring lacks a feature it needs)",
         _ => "",
     };
-    format!("io_uring unavailable: {e}{why}; use the default engine (--engine reactor)")
+    format!("io_uring unavailable: {e}{why}; use --engine reactor, which needs only epoll")
 }
 
 impl Drop for Ring {

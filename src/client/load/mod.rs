@@ -67,6 +67,13 @@ pub enum Engine {
     Uring,
 }
 
+/// Whether this process can run the uring loop: a small ring with a
+/// provided-buffer pool can be made (io_uring enabled, not filtered, a
+/// kernel with buffer rings). `--engine auto` asks this once per run.
+pub fn uring_usable() -> bool {
+    worker::uring_usable()
+}
+
 impl Engine {
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {

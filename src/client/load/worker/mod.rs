@@ -39,6 +39,8 @@ mod connect;
 mod traffic;
 mod uring;
 
+pub(super) use uring::usable as uring_usable;
+
 /// At most this many connects in progress per loop. A storm of SYNs all
 /// at once overflows the server's accept queue and turns into 1-second
 /// SYN retransmits; a window keeps opening fast and steady.

@@ -92,6 +92,24 @@ const MIN_WAIT: Duration = Duration::from_micros(50);
 /// Tag of the one-shot poll on the `Poll`'s epoll descriptor.
 const CONNECTS: u64 = 0;
 
+/// Whether a ring of the kind [`RingIo::new`] makes can be made here: one
+/// as small as allowed, dropped at once (what a dropped ring leaks is its
+/// pool: 16 KiB here).
+pub(crate) fn usable() -> bool {
+    let small = PoolShape {
+        buffers: 4,
+        size: 4096,
+        initial: 4,
+    };
+    match Ring::new(8, 8, None, small) {
+        Ok(_) => true,
+        Err(e) => {
+            log::debug!("load: {}; the mio loop runs", ring::unavailable(&e));
+            false
+        }
+    }
+}
+
 /// A connection's side of the ring, by slab key.
 #[derive(Debug, Default)]
 struct RingConn {
