@@ -183,6 +183,12 @@ def echo_run(kind, conns, pipeline, perf=False, rate=None, size=64):
            "sleeps_per_msg": w["sleeps"] / msgs if msgs else None}
     if rate:
         row["rate_per_conn"] = rate
+        # Whether the load tool kept its schedule. Its latency counts from
+        # when each message was due, so a median past 1 ms means it fell
+        # behind and sent late messages in bursts: the server then wakes
+        # for several at once and spends about a quarter less CPU per
+        # message than in a round on schedule. Compare rounds alike.
+        row["on_schedule"] = v["latency_us"]["p50"] < 1000
     if perf:
         row["syscalls_per_msg"] = {k.split(":")[1].replace("sys_enter_", ""): round(n / msgs, 3)
                                    for k, n in w.items() if ":" in k}
