@@ -436,7 +436,7 @@ impl LoadArgs {
         Ok(())
     }
 
-    fn settings(&self) -> serde_json::Value {
+    fn settings(&self, engine: LoadEngine) -> serde_json::Value {
         json!({
             "addr": self.addr.to_string(),
             "workload": self.workload().name(),
@@ -457,7 +457,7 @@ impl LoadArgs {
             "hdr_log": self.hdr_log.as_ref().map(|p| p.display().to_string()),
             "find_max_rate": self.find_max_rate,
             "processes": self.processes,
-            "engine": self.engine().name(),
+            "engine": engine.name(),
         })
     }
 
@@ -470,8 +470,7 @@ impl LoadArgs {
         }
     }
 
-    /// The engine that runs: `auto` decided here, once, so the report and
-    /// any child load process name what ran.
+    /// The engine that runs, `auto` decided (by making a small ring).
     fn engine(&self) -> LoadEngine {
         match self.engine {
             LoadEngineArg::Reactor => LoadEngine::Reactor,
@@ -490,18 +489,21 @@ impl LoadArgs {
     /// The run these flags describe, or what is wrong with them.
     pub fn options(&self) -> Result<Options, String> {
         self.validate()?;
+        // Decided once: the report and every child load process name the
+        // engine that runs (`auto` probes the kernel).
+        let engine = self.engine();
         Ok(Options {
-            plan: self.plan(),
+            plan: self.plan(engine),
             threads: self.threads,
             udp: self.udp,
             json: self.json,
-            settings: self.settings(),
+            settings: self.settings(engine),
             hdr_log: self.hdr_log.clone(),
             find_max_rate: self.find_max_rate,
             processes: self.processes,
             process_index: self.process_index,
             run_started_us: self.run_started_us,
-            argv: self.child_args(),
+            argv: self.child_args(engine),
         })
     }
 
@@ -510,7 +512,7 @@ impl LoadArgs {
     /// sets itself, and `--hdr-log` and `--find-max-rate`, which are the
     /// parent's alone. Children get `--interval` but do not print: they
     /// send each interval to the parent, which merges and prints them.
-    fn child_args(&self) -> Vec<String> {
+    fn child_args(&self, engine: LoadEngine) -> Vec<String> {
         let mut a = vec![self.addr.to_string()];
         let mut flag = |k: &str, v: String| {
             a.push(format!("--{k}"));
@@ -527,7 +529,7 @@ impl LoadArgs {
         flag("threads", self.threads.to_string());
         flag("timeout", self.timeout.to_string());
         flag("interval", self.interval.to_string());
-        flag("engine", self.engine().name().into());
+        flag("engine", engine.name().into());
         if !self.source_ip.is_empty() {
             let ips: Vec<String> = self.source_ip.iter().map(|ip| ip.to_string()).collect();
             flag("source-ip", ips.join(","));
@@ -541,7 +543,7 @@ impl LoadArgs {
         a
     }
 
-    fn plan(&self) -> Plan {
+    fn plan(&self, engine: LoadEngine) -> Plan {
         Plan {
             workload: self.workload(),
             target: match &self.unix {
@@ -559,7 +561,7 @@ impl LoadArgs {
             timeout: Duration::from_secs_f64(self.timeout),
             source_ips: self.source_ip.clone(),
             interval: Duration::from_secs_f64(self.interval),
-            engine: self.engine(),
+            engine,
         }
     }
 }

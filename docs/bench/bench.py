@@ -112,7 +112,8 @@ class Server:
 
 def load(port, args, during=None):
     """Runs `reactor load` on LOAD_CORE; `during(elapsed)` is called meanwhile."""
-    cmd = ["taskset", "-c", LOAD_CORE, REACTOR, "load", f"127.0.0.1:{port}", "--json", *map(str, args)]
+    cmd = ["taskset", "-c", LOAD_CORE, REACTOR, "load", f"127.0.0.1:{port}", "--json",
+           "--engine", ARGS.load_engine, *map(str, args)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if during:
         during(p)
@@ -277,6 +278,9 @@ def main():
     ap.add_argument("--servers", default="reactor,c-ref,threads")
     ap.add_argument("--hold-reps", type=int, default=None)
     ap.add_argument("--cells", default=None, help="uring part: which cells (default all)")
+    ap.add_argument("--load-engine", default="reactor",
+                    help="reactor load --engine: reactor (the mio loop, every run published before "
+                         "the load tool's default became auto), uring or auto")
     ap.add_argument("--uring-kinds", default="uring,reactor,c-ref",
                     help="uring part: servers, alternating; ratios are each to the last")
     ap.add_argument("--pairs", type=int, default=8, help="alternating pairs for pairs,fixed,spread,churn-pairs")

@@ -19,7 +19,9 @@ with one binary:
     --loader mio="target/release/reactor --engine reactor" \
     --loader uring="target/release/reactor --engine uring"
 
-Each run also records the 1-minute load average when it began.
+A loader without flags runs `reactor load`'s default engine (`auto`:
+the uring loop for echo where io_uring can run). Each run also records the
+1-minute load average when it began.
 
     cargo build --release && cp target/release/reactor /tmp/reactor-after
     gcc -O2 -o /tmp/epoll_echo ../shared/reference/epoll_echo.c

@@ -81,7 +81,8 @@ def cpu_seconds(pid):
 
 def load(reactor, addr, a):
     out = subprocess.run(
-        ["taskset", "-c", "1", reactor, "load", addr, "-c", str(a.conns), "--pipeline",
+        ["taskset", "-c", "1", reactor, "load", addr, "--engine", "reactor", "-c", str(a.conns),
+         "--pipeline",
          str(a.pipeline), "-d", str(a.duration), "--warmup", str(a.warmup),
          "--json"],
         capture_output=True, text=True, timeout=600)
@@ -158,7 +159,8 @@ def latency(a, binary=None):
     p, addr, maddr = start(binary, True, a.lat_workers)
     try:
         lp = subprocess.Popen(
-            ["taskset", "-c", "1", a.reactor, "load", addr, "-c", str(a.lat_conns), "-d",
+            ["taskset", "-c", "1", a.reactor, "load", addr, "--engine", "reactor",
+             "-c", str(a.lat_conns), "-d",
              str(a.lat_duration), "--warmup", "1", "--json", "--pipeline", str(a.lat_pipeline),
              "--connect-rate", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -107,7 +107,9 @@ def drain(s):
 
 def load(addr, *args):
     """Runs `reactor load` pinned to CPU 1; returns its JSON report."""
-    cmd = ["taskset", "-c", "1", BIN, "load", f"{addr[0]}:{addr[1]}", "--json", *args]
+    # The mio loop, as in every published soak (the default became auto).
+    cmd = ["taskset", "-c", "1", BIN, "load", f"{addr[0]}:{addr[1]}", "--json",
+           "--engine", "reactor", *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
     try:
         return json.loads(out.stdout)

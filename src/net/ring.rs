@@ -647,6 +647,14 @@ impl Ring {
         unsafe { self.push(e) }
     }
 
+    /// Nothing queued is left unsubmitted (a submission cut short by a
+    /// signal leaves some): only then may descriptors whose cancels were
+    /// queued be closed, or a cancel could meet a new socket with the same
+    /// number.
+    pub fn all_submitted(&mut self) -> bool {
+        self.uring.submission().is_empty()
+    }
+
     /// Submits everything queued without waiting.
     pub fn submit(&mut self) -> io::Result<()> {
         match self.uring.submit() {
@@ -878,6 +886,26 @@ impl Drop for Ring {
         // flight here; the pool has no Drop at all.
         let _ = self.pool.entries_layout;
         std::mem::forget(std::mem::take(&mut self.flights));
+        // The pool stays allocated, but its pages go back to the system: a
+        // program that makes rings one after another (`reactor load
+        // --find-max-rate`, a step each) would otherwise keep every filled
+        // buffer of every ring it ever had.
+        let (start, len) = (
+            self.pool.mem as usize,
+            self.pool.size * self.pool.count as usize,
+        );
+        let from = start.next_multiple_of(4096);
+        let to = (start + len) & !4095;
+        if to > from {
+            // SAFETY: only whole pages inside the pool's own allocation,
+            // which is never freed, so no other data lives there. Its
+            // contents become zero pages; nothing reads them again (every
+            // `RecvBuf` borrows the ring being dropped), and a write the
+            // kernel might still make lands in a fresh page of this range.
+            unsafe {
+                libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED);
+            }
+        }
     }
 }
 

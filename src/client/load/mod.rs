@@ -1,9 +1,9 @@
 //! `reactor load`: a load generator for high-connection-count tests.
 //!
-//! Each of `--threads` loops is a mio poll loop that owns its share of
-//! the connections ([`worker`] for TCP and Unix streams, [`udp`] for
-//! datagrams); with `--engine uring` a stream loop carries its traffic on
-//! one io_uring instead (`worker/uring.rs`). Every message carries its connection id and sequence number
+//! Each of `--threads` loops owns its share of the connections: a mio
+//! poll loop ([`worker`] for TCP and Unix streams, [`udp`] for datagrams),
+//! or for echo over streams one io_uring (`worker/uring.rs`; `--engine
+//! uring`, and `auto`, the default, wherever a ring can be made). Every message carries its connection id and sequence number
 //! ([`message`]), and every byte that comes back is checked. Latencies go
 //! into HDR histograms; the loops' tallies are merged into one
 //! [`report::Report`], printed as a table or as JSON.

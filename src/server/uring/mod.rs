@@ -296,9 +296,11 @@ impl<P: Protocol> Engine<P> {
                 // the descriptors still name them; closing them now rather
                 // than after the wait lets the clients see the close now.
                 self.ring.submit()?;
-                self.closing.clear();
-                self.retired = None;
-                self.retired_udp = None;
+                if self.ring.all_submitted() {
+                    self.closing.clear();
+                    self.retired = None;
+                    self.retired_udp = None;
+                }
             }
             let timeout = self.wait_timeout();
             self.ring.submit_and_wait(timeout)?;

@@ -92,21 +92,45 @@ const MIN_WAIT: Duration = Duration::from_micros(50);
 /// Tag of the one-shot poll on the `Poll`'s epoll descriptor.
 const CONNECTS: u64 = 0;
 
-/// Whether a ring of the kind [`RingIo::new`] makes can be made here: one
-/// as small as allowed, dropped at once (what a dropped ring leaks is its
-/// pool: 16 KiB here).
+/// Whether this loop can run here: a small ring of the kind
+/// [`RingIo::new`] makes, and a multishot receive on it that brings a byte
+/// back (buffer rings came in 5.19, multishot receive in 6.0).
 pub(crate) fn usable() -> bool {
+    match probe() {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("load: {}; the mio loop runs", ring::unavailable(&e));
+            false
+        }
+    }
+}
+
+fn probe() -> io::Result<()> {
     let small = PoolShape {
         buffers: 4,
         size: 4096,
         initial: 4,
     };
-    match Ring::new(8, 8, None, small) {
-        Ok(_) => true,
-        Err(e) => {
-            log::debug!("load: {}; the mio loop runs", ring::unavailable(&e));
-            false
+    let mut ring = Ring::new(8, 8, Some(small), small)?;
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ring.recv_multi(theirs.as_fd(), 1)?;
+    std::io::Write::write_all(&mut ours, b"?")?;
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while events.is_empty() && Instant::now() < deadline {
+        ring.submit_and_wait(Some(Duration::from_millis(100)))?;
+        ring.complete(&mut events, 4);
+    }
+    match events.pop() {
+        Some(Event::Received {
+            result: Ok(Some(buf)),
+            ..
+        }) => {
+            ring.recycle(buf);
+            Ok(())
         }
+        Some(Event::Received { result: Err(e), .. }) => Err(e),
+        _ => Err(io::Error::other("a multishot receive brought nothing back")),
     }
 }
 
@@ -276,8 +300,11 @@ impl RingIo {
         } else {
             self.ring.submit_and_wait(Some(timeout))?;
         }
-        // The cancels for these are in the kernel now.
-        self.closing.clear();
+        // The cancels for these are in the kernel now (unless a signal cut
+        // the submission short: then they wait for the next turn).
+        if self.ring.all_submitted() {
+            self.closing.clear();
+        }
         Ok(())
     }
 
