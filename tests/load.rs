@@ -224,16 +224,26 @@ fn one_flipped_byte_is_reported_and_fails_the_run(engine: &str) {
 }
 loaders!(one_flipped_byte_is_reported_and_fails_the_run: reactor, uring);
 
-#[test]
-fn the_table_names_the_failure_too() {
+fn the_table_names_the_failure_too(engine: &str) {
     let (addr, stop) = corrupting_peer(10);
-    let out = load(&[&addr.to_string(), "-c", "1", "-d", "0.5", "--warmup", "0"]);
+    let out = load(&[
+        &addr.to_string(),
+        "--engine",
+        engine,
+        "-c",
+        "1",
+        "-d",
+        "0.5",
+        "--warmup",
+        "0",
+    ]);
     stop.store(true, Ordering::Relaxed);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("mismatch 1"), "{text}");
     assert!(text.contains("result        FAILED"), "{text}");
 }
+loaders!(the_table_names_the_failure_too: reactor, uring);
 
 fn a_server_that_hangs_up_is_counted(engine: &str) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -303,12 +303,13 @@ fn capped_echo(per_sec: f64) -> SocketAddr {
     })
 }
 
-#[test]
-fn find_max_rate_converges_on_the_servers_capacity() {
+fn find_max_rate_converges_on_the_servers_capacity(engine: &str) {
     let capacity = 2000.0;
     let addr = capped_echo(capacity);
     let (code, v, stderr) = load_full(&[
         &addr.to_string(),
+        "--engine",
+        engine,
         "--find-max-rate",
         "50",
         "-c",
@@ -326,6 +327,7 @@ fn find_max_rate_converges_on_the_servers_capacity() {
         "5",
     ]);
     assert_eq!(code, Some(0), "{v}\n{stderr}");
+    assert_eq!(v["settings"]["engine"], engine, "{v}");
     let max = f(&v["max_rate"]);
     // Above the cap the backlog, and so p99, grows without bound, which
     // bounds the answer from above. Below it p99 is the machine's: a
@@ -342,6 +344,7 @@ fn find_max_rate_converges_on_the_servers_capacity() {
     let lines = stderr.lines().filter(|l| l.starts_with("step")).count();
     assert_eq!(lines, steps.len(), "{stderr}");
 }
+loaders!(find_max_rate_converges_on_the_servers_capacity: reactor, uring);
 
 #[test]
 fn chat_delivers_every_line_to_every_other_client() {

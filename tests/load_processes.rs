@@ -23,12 +23,13 @@ fn latency_count(v: &Value) -> u64 {
         .len()
 }
 
-#[test]
-fn a_256_file_limit_opens_1000_connections_through_several_processes() {
+fn a_256_file_limit_opens_1000_connections_through_several_processes(engine: &str) {
     let server = Server::start(&["--log-level", "warn"]);
     let script = "ulimit -n 256; exec \"$0\" load \"$@\"";
     let addr = server.addr.to_string();
     let args = [
+        "--engine",
+        engine,
         "-c",
         "1000",
         "-d",
@@ -61,7 +62,11 @@ fn a_256_file_limit_opens_1000_connections_through_several_processes() {
     assert_eq!(messages, sum(&v["parts"], "messages"), "{v}");
     assert_eq!(latency_count(&v), sum(&v["parts"], "latency_count"));
     assert_eq!(latency_count(&v), messages);
+    // The children are told the engine the parent names here; one that
+    // could not run it would have failed the run.
+    assert_eq!(v["settings"]["engine"], engine, "{v}");
 }
+loaders!(a_256_file_limit_opens_1000_connections_through_several_processes: reactor, uring);
 
 #[test]
 fn merge_adds_two_reports_exactly() {
