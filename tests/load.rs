@@ -412,3 +412,75 @@ fn a_server_that_stops_accepting_ends_the_opening_phase() {
     let failures = v["failures"].to_string();
     assert!(failures.contains("stopped accepting"), "{failures}");
 }
+
+/// An echo peer that takes its input slowly: a small receive buffer, read
+/// a little at a time with a pause between reads, so what the load tool
+/// sends piles up in its send buffer and its sends come back short. Set on
+/// the listener, so every accepted socket has them from the handshake: the
+/// small buffer (a small window) and a small MSS. The MSS is what makes
+/// the load tool's send buffer small: the kernel sizes it from the peer's
+/// segment size and the initial window, about 730 KiB with loopback's
+/// 64 KiB segments (`ss -tm`), which a `--pipeline 8 -s 65536` burst
+/// (512 KiB) never fills: without the small MSS no send came back short
+/// (counted in the uring loop: none in 2 s; with it, 14).
+fn slow_reading_peer() -> (SocketAddr, Arc<AtomicBool>) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_tcp_mss(1024).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(16).unwrap();
+    let listener: TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        while !flag.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            thread::spawn(move || {
+                let mut buf = [0; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    (addr, stop)
+}
+
+fn short_sends_to_a_slow_reader_resume_where_they_stopped(engine: &str) {
+    let (addr, stop) = slow_reading_peer();
+    let (code, v) = load_json(&[
+        &addr.to_string(),
+        "--engine",
+        engine,
+        "-s",
+        "65536",
+        "--pipeline",
+        "8",
+        "-c",
+        "2",
+        "-d",
+        "2",
+        "--warmup",
+        "0",
+        // A message takes 64 reads with a pause after each: generous.
+        "--timeout",
+        "30",
+    ]);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["errors"]["total"], 0, "{v}");
+    assert!(v["messages"].as_u64().unwrap() > 0, "{v}");
+}
+loaders!(short_sends_to_a_slow_reader_resume_where_they_stopped: reactor, uring);
