@@ -484,3 +484,30 @@ fn short_sends_to_a_slow_reader_resume_where_they_stopped(engine: &str) {
     assert!(v["messages"].as_u64().unwrap() > 0, "{v}");
 }
 loaders!(short_sends_to_a_slow_reader_resume_where_they_stopped: reactor, uring);
+
+fn replies_that_outrun_the_receive_pool_all_arrive(engine: &str) {
+    // 200 connections x 16 messages x 4 KiB: 12.8 MiB of replies in
+    // flight, far more than the uring loop's first receive buffers
+    // (8 x 64 KiB), so its multishot receives run out of buffers
+    // (ENOBUFS, which ends them) again and again, and each must be armed
+    // again or its connection hears nothing more and times out.
+    let v = load_ok(
+        engine,
+        &[
+            "-c",
+            "200",
+            "--pipeline",
+            "16",
+            "-s",
+            "4096",
+            "-d",
+            "2",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert_eq!(v["connections_opened"], 200, "{v}");
+    assert_eq!(v["errors"]["total"], 0, "{v}");
+    assert!(v["messages"].as_u64().unwrap() > 0, "{v}");
+}
+loaders!(replies_that_outrun_the_receive_pool_all_arrive: reactor, uring);
