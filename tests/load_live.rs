@@ -306,38 +306,48 @@ fn capped_echo(per_sec: f64) -> SocketAddr {
 fn find_max_rate_converges_on_the_servers_capacity(engine: &str) {
     let capacity = 2000.0;
     let addr = capped_echo(capacity);
-    let (code, v, stderr) = load_full(&[
-        &addr.to_string(),
-        "--engine",
-        engine,
-        "--find-max-rate",
-        "50",
-        "-c",
-        "8",
-        // The window must not be the limit: the server's cap is.
-        "--pipeline",
-        "16",
-        "--rate",
-        "25",
-        "-d",
-        "0.6",
-        "--warmup",
-        "0.2",
-        "--timeout",
-        "5",
-    ]);
-    assert_eq!(code, Some(0), "{v}\n{stderr}");
-    assert_eq!(v["settings"]["engine"], engine, "{v}");
-    let max = f(&v["max_rate"]);
+    let search = || {
+        load_full(&[
+            &addr.to_string(),
+            "--engine",
+            engine,
+            "--find-max-rate",
+            "50",
+            "-c",
+            "8",
+            // The window must not be the limit: the server's cap is.
+            "--pipeline",
+            "16",
+            "--rate",
+            "25",
+            "-d",
+            "0.6",
+            "--warmup",
+            "0.2",
+            "--timeout",
+            "5",
+        ])
+    };
     // Above the cap the backlog, and so p99, grows without bound, which
     // bounds the answer from above. Below it p99 is the machine's: a
     // stall on a busy 2-core machine can fail a step the server would
-    // pass, so the floor is loose (it once came in under half the cap
-    // while another build ran alongside).
-    assert!(
-        (0.3 * capacity..=1.1 * capacity).contains(&max),
-        "max rate {max}\n{stderr}"
-    );
+    // pass, and the search never goes back above a failed rate, so the
+    // floor is loose (it once came in under half the cap while another
+    // build ran alongside) and a search that lands under it is run again,
+    // up to three times (a search that does not converge fails all three).
+    let in_range = |max: f64| (0.3 * capacity..=1.1 * capacity).contains(&max);
+    let (mut code, mut v, mut stderr) = search();
+    for _ in 0..2 {
+        if code != Some(0) || in_range(f(&v["max_rate"])) {
+            break;
+        }
+        eprintln!("a stall, probably: searching again\n{stderr}");
+        (code, v, stderr) = search();
+    }
+    assert_eq!(code, Some(0), "{v}\n{stderr}");
+    assert_eq!(v["settings"]["engine"], engine, "{v}");
+    let max = f(&v["max_rate"]);
+    assert!(in_range(max), "max rate {max}\n{stderr}");
     let steps = v["steps"].as_array().unwrap();
     // It went too far, failed, and came back.
     assert!(steps.iter().any(|s| s["pass"] == false), "{stderr}");
