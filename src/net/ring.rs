@@ -380,6 +380,11 @@ pub struct Ring {
     /// this one did.
     starved: u32,
     starved_now: bool,
+    /// The last call of [`Ring::complete`] took completions: the next call
+    /// ends that batch. The loops call it until it takes none, and such an
+    /// empty call is no batch (counted as one, it broke every run of
+    /// starved batches in two, and the pool never grew).
+    took_any: bool,
     /// Completions as reaped, before translation (kept for its capacity).
     raw: Vec<(u64, i32, u32)>,
     /// Tells this ring's `RecvBuf`s from another's.
@@ -456,6 +461,7 @@ impl Ring {
             grown: false,
             starved: 0,
             starved_now: false,
+            took_any: false,
             raw: Vec::new(),
             id: NEXT_RING_ID.fetch_add(1, Ordering::Relaxed),
         })
@@ -707,13 +713,15 @@ impl Ring {
     /// Reaps up to `max` completions into `out` (the rest wait for the
     /// next call: the caller's buffers stay small however many came).
     pub fn complete(&mut self, out: &mut Vec<Event>, max: usize) {
-        self.grown = false;
-        self.starved = if self.starved_now {
-            self.starved + 1
-        } else {
-            0
-        };
-        self.starved_now = false;
+        if self.took_any {
+            self.grown = false;
+            self.starved = if self.starved_now {
+                self.starved + 1
+            } else {
+                0
+            };
+            self.starved_now = false;
+        }
         // Collected first: translating a send needs `self.flights` while
         // the completion queue borrows the ring.
         let mut raw = std::mem::take(&mut self.raw);
@@ -729,6 +737,7 @@ impl Ring {
                 out.push(e);
             }
         }
+        self.took_any = !raw.is_empty();
         self.raw = raw;
     }
 
@@ -1166,5 +1175,57 @@ mod tests {
         assert_eq!(ring.bytes(&held), b"held");
         ring.recycle(held);
         assert_eq!(ring.pool.tail, tail + 1, "provided once the last is back");
+    }
+
+    #[test]
+    fn the_pool_grows_when_receives_run_dry_wake_up_after_wake_up() {
+        // Few buffers at first, at most four; the receiver never recycles,
+        // so every wake-up runs dry. Driven as both loops drive the ring:
+        // `complete` until it takes nothing, ENOBUFS answered by
+        // `grow_pool` and a new receive.
+        let shape = PoolShape {
+            buffers: 4,
+            size: 4096,
+            initial: 1,
+        };
+        let mut ring = Ring::new(8, 64, None, shape).unwrap();
+        let first = ring.buffers_provided();
+        assert!(first < 4);
+        let (mut a, b) = UnixStream::pair().unwrap();
+        ring.recv_multi(b.as_fd(), 1).unwrap();
+        let mut held = Vec::new();
+        let mut events = Vec::new();
+        for _ in 0..12 {
+            a.write_all(&[3; 4096]).unwrap();
+            ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+            loop {
+                ring.complete(&mut events, 8);
+                if events.is_empty() {
+                    break;
+                }
+                for e in events.drain(..) {
+                    let Event::Received { result, more, .. } = e else {
+                        continue;
+                    };
+                    match result {
+                        Ok(Some(buf)) => held.push(buf),
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            ring.grow_pool();
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                    if !more {
+                        ring.recv_multi(b.as_fd(), 1).unwrap();
+                    }
+                }
+            }
+        }
+        assert!(
+            ring.buffers_provided() > first,
+            "the pool stayed at {first} buffer(s)"
+        );
+        for buf in held {
+            ring.recycle(buf);
+        }
     }
 }
