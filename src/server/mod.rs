@@ -78,9 +78,36 @@ pub const FD_RESERVE: usize = 32;
 /// those words rather than a reset. Both engines use it.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
-/// Accepting paused (out of descriptors, out of socket memory, or an
-/// error that would repeat at once): the one warning of an episode, in
-/// the same words for every engine.
+/// After `EMFILE` (or another shortage), try accepting again at the
+/// latest this much later. Both engines.
+pub(crate) const ACCEPT_RETRY: Duration = Duration::from_millis(250);
+
+/// How long shutdown waits for queued output to drain. Both engines.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether an engine accepts: on, paused after running out of
+/// descriptors, or over (shutting down).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Accepting {
+    On,
+    /// `EMFILE`/`ENFILE`: listeners left alone until a connection closes
+    /// or this time (ms) passes, so a full process does not spin on a
+    /// listener it cannot accept from.
+    PausedUntil(u64),
+    /// Shutting down: listeners are closed.
+    Off,
+}
+
+impl Accepting {
+    /// When to try accepting again, if paused: a deadline for the loop.
+    pub(crate) fn retry_at(self) -> Option<u64> {
+        match self {
+            Accepting::PausedUntil(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 /// How long a loop may sleep: until the nearest of `deadlines`
 /// (milliseconds since `started`), or for ever when there is none. Rounded
 /// up, so that it does not wake a millisecond early and spin. Shared by
@@ -95,6 +122,9 @@ pub(crate) fn until_nearest(
     })
 }
 
+/// Accepting paused (out of descriptors, out of socket memory, or an
+/// error that would repeat at once): the one warning of an episode, in
+/// the same words for every engine.
 pub(crate) fn warn_accept_paused(e: &io::Error, held: usize) {
     let what = match e.raw_os_error() {
         Some(libc::EMFILE | libc::ENFILE) => "open-file limit reached",

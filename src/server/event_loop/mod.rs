@@ -38,7 +38,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::event::Event;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -57,7 +57,7 @@ use super::token::{
     UDP,
 };
 use super::udp::{Next, UdpEcho};
-use super::{Config, ServeError};
+use super::{Accepting, Config, ServeError, ACCEPT_RETRY, SHUTDOWN_GRACE};
 use crate::buffer::GROWTH_SLACK;
 use crate::metrics::endpoint::Endpoint;
 use crate::net::ready::{ReadyList, SCRATCH};
@@ -82,23 +82,6 @@ const EVENTS: usize = 1024;
 /// not served this millisecond: a turn of 1,024 busy sockets can take
 /// over 10 ms, and a scrape should not wait for all of it (`metrics.rs`).
 const METRICS_CHECK_EVERY: usize = 64;
-/// After `EMFILE` (or another shortage), try accepting again at the
-/// latest this much later.
-const ACCEPT_RETRY: Duration = Duration::from_millis(250);
-/// How long shutdown waits for queued output to drain.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Whether accepting is on, or paused after running out of descriptors.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Accepting {
-    On,
-    /// `EMFILE`/`ENFILE`: listeners deregistered until a connection closes
-    /// or this time (ms) passes, so a full process does not spin on a
-    /// listener it cannot accept from.
-    PausedUntil(u64),
-    /// Shutting down: listeners are closed.
-    Off,
-}
 
 /// How far a readable connection is read this time.
 ///

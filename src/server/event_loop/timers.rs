@@ -18,16 +18,12 @@ impl<P: Protocol> EventLoop<P> {
         if !self.ready.is_empty() {
             return Some(Duration::ZERO);
         }
-        let accept_retry = match self.accepting {
-            Accepting::PausedUntil(t) => Some(t),
-            _ => None,
-        };
         until_nearest(
             self.started,
             [
                 self.timers.next(),
                 self.next_stats,
-                accept_retry,
+                self.accepting.retry_at(),
                 self.shutdown_deadline,
                 self.metrics.as_ref().and_then(|m| m.next_deadline()),
                 self.snapshots.as_ref().and_then(SnapshotOut::next_deadline),

@@ -52,7 +52,8 @@ use super::listen::{Listeners, SocketFile};
 use super::memory::MemoryCap;
 use super::stats::Stats;
 use super::timer::Timers;
-use super::{until_nearest, Config, ServeError};
+use super::{until_nearest, Accepting, Config, ServeError};
+use super::{ACCEPT_RETRY, LINGER, SHUTDOWN_GRACE};
 use crate::metrics::endpoint::Endpoint;
 use crate::protocol::Protocol;
 
@@ -98,12 +99,6 @@ const BUF_WHOLE: PoolShape = PoolShape {
     size: 4096,
     initial: 64,
 };
-/// After `EMFILE`, try accepting again at the latest this much later.
-const ACCEPT_RETRY: Duration = Duration::from_millis(250);
-/// How long a rejected chat client's input is discarded before the close.
-const LINGER: Duration = Duration::from_secs(1);
-/// How long shutdown waits for queued output to drain.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Completions handled per slice of a wake-up.
 const REAP_SLICE: usize = 256;
@@ -116,15 +111,6 @@ const UNIX: u64 = 1;
 const SIGNALS: u64 = 0;
 const METRICS: u64 = 1;
 const UDP: u64 = 2;
-
-/// Whether accepting is on, paused after running out of descriptors, or
-/// over (shutting down).
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Accepting {
-    On,
-    PausedUntil(u64),
-    Off,
-}
 
 /// The tag of the connection at `key` with `generation`; [`key_of`] is its
 /// inverse.
@@ -354,16 +340,12 @@ impl<P: Protocol> Engine<P> {
         if self.udp.as_ref().is_some_and(|u| u.again) {
             return Some(Duration::ZERO);
         }
-        let accept_retry = match self.accepting {
-            Accepting::PausedUntil(t) => Some(t),
-            _ => None,
-        };
         until_nearest(
             self.started,
             [
                 self.timers.next(),
                 self.next_stats,
-                accept_retry,
+                self.accepting.retry_at(),
                 self.shutdown_deadline,
                 self.metrics.as_ref().and_then(|m| m.next_deadline()),
                 self.snapshots.as_ref().and_then(SnapshotOut::next_deadline),
