@@ -408,4 +408,49 @@ mod descriptors {
         );
     }
     engines!(running_out_of_descriptors_pauses_accepting_without_spinning: reactor, uring);
+
+    /// At the limit, with one client waiting, a close lets that client in
+    /// at once: accepting resumes only once the closed connection's
+    /// descriptor is free, so the accept does not fail on the limit again
+    /// and wait out the retry. Read from the server's own log, in order:
+    /// after the close, the next thing is the waiting client's `open`,
+    /// with no pause between.
+    fn a_close_at_the_descriptor_limit_lets_the_waiting_client_in(engine: &str) {
+        let server = Server::start_engine_with_fd_limit(
+            engine,
+            64,
+            &["--max-connections", "1000", "--log-level", "debug"],
+        );
+        let mut held = Vec::new();
+        let mut waiting = loop {
+            let mut c = server.connect();
+            c.write_all(b"a").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            match c.read(&mut [0u8; 1]) {
+                Ok(1) => held.push(c),
+                _ => break c,
+            }
+            assert!(held.len() < 64, "64 clients held under a limit of 64");
+        };
+        server.wait_for_log("open-file limit reached");
+        drop(held.pop());
+        waiting.set_read_timeout(Some(TIMEOUT)).unwrap();
+        assert_eq!(read_n(&mut waiting, 1), b"a");
+        let deadline = Instant::now() + TIMEOUT;
+        let between = loop {
+            // The log is read from the server's stderr by a thread: poll.
+            let log = server.stderr_text();
+            let after = &log[log.rfind("closed (").unwrap_or(log.len())..];
+            if let Some(open) = after.find(" open (") {
+                break after[..open].to_string();
+            }
+            assert!(Instant::now() < deadline, "no close, then open: {log}");
+            thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            !between.contains("accepting paused"),
+            "the accept failed again after the close: {between}"
+        );
+    }
+    engines!(a_close_at_the_descriptor_limit_lets_the_waiting_client_in: reactor, uring);
 }

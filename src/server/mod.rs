@@ -90,9 +90,10 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Accepting {
     On,
-    /// `EMFILE`/`ENFILE`: listeners left alone until a connection closes
-    /// or this time (ms) passes, so a full process does not spin on a
-    /// listener it cannot accept from.
+    /// `EMFILE`/`ENFILE` (or out of memory, or an accept error nobody
+    /// expects): listeners left alone until a connection closes or this
+    /// time (ms) passes, so a full process does not spin on a listener it
+    /// cannot accept from.
     PausedUntil(u64),
     /// Shutting down: listeners are closed.
     Off,

@@ -72,6 +72,7 @@ impl<P: Protocol> EventLoop<P> {
             warn_accept_paused(&e, self.conns.len());
             self.emfile_logged = true;
         }
+        log::debug!("accepting paused ({e}) until a connection closes or {ACCEPT_RETRY:?} pass");
         self.stats.accept_paused += 1;
         self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
         let registry = self.poll.registry();

@@ -389,9 +389,7 @@ impl<P: Protocol> Engine<P> {
             broadcasts: &mut self.broadcasts,
         };
         self.protocol.close(conn.session, &mut outbox);
-        if let Err(e) = self.resume_accepting() {
-            log::warn!("cannot re-arm accepting: {e}");
-        }
+        // Accepting resumes once the descriptor is closed (`run`).
     }
 
     /// Delivers queued broadcasts, closing recipients that cannot take

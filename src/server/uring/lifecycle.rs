@@ -43,6 +43,9 @@ impl<P: Protocol> Engine<P> {
             Ok(fd) if self.accepting == Accepting::Off => drop(fd),
             Ok(fd) => self.open(fd, tag == UNIX),
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            // Shutting down: an accept that failed on its way out must not
+            // turn `Off` back into a pause that would accept again.
+            Err(e) if self.accepting == Accepting::Off => log::debug!("accept failed: {e}"),
             // ECONNABORTED and friends concern that one connection, which
             // has left the backlog: accepting on cannot spin.
             Err(e) if concerns_one_connection(&e) => log::debug!("accept failed: {e}"),
@@ -64,6 +67,7 @@ impl<P: Protocol> Engine<P> {
             warn_accept_paused(&e, self.conns.len());
             self.emfile_at = Some(self.conns.len());
         }
+        log::debug!("accepting paused ({e}) until a connection closes or {ACCEPT_RETRY:?} pass");
         self.stats.accept_paused += 1;
         self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
         for (tag, armed) in [TCP, UNIX].into_iter().zip(self.accept_armed) {
@@ -74,9 +78,13 @@ impl<P: Protocol> Engine<P> {
         Ok(())
     }
 
-    pub(super) fn resume_accepting(&mut self) -> io::Result<()> {
+    /// Called once a closed connection's descriptor is really closed (so
+    /// the accept has a descriptor to take: armed before that, it would
+    /// fail with `EMFILE` at once and wait out [`ACCEPT_RETRY`]) and when
+    /// the retry is due.
+    pub(super) fn resume_accepting(&mut self) {
         if !matches!(self.accepting, Accepting::PausedUntil(_)) {
-            return Ok(());
+            return;
         }
         self.accepting = Accepting::On;
         // While clients still wait, each close lets one more in and the
@@ -85,7 +93,12 @@ impl<P: Protocol> Engine<P> {
         if self.emfile_at.is_some_and(|n| self.conns.len() < n / 2) {
             self.emfile_at = None;
         }
-        self.arm_accepts()
+        if let Err(e) = self.arm_accepts() {
+            // As the readiness engine does: try again later rather than
+            // stay `On` with nothing armed, or end the server.
+            log::warn!("cannot re-arm accepting: {e}; retrying");
+            self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
+        }
     }
 
     fn open(&mut self, fd: OwnedFd, unix: bool) {
@@ -213,8 +226,10 @@ impl<P: Protocol> Engine<P> {
     /// Pops due timers: idle connections, lingering closes, stats, accept retry.
     pub(super) fn expire(&mut self) -> io::Result<()> {
         if let Accepting::PausedUntil(t) = self.accepting {
-            if self.now >= t {
-                self.resume_accepting()?;
+            // With a close under way, `run` resumes once its descriptor
+            // is free; an accept armed before that would fail again.
+            if self.now >= t && self.closing.is_empty() {
+                self.resume_accepting();
             }
         }
         if let (Some(at), Some(every)) = (self.next_stats, self.config.stats_interval) {

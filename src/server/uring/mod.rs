@@ -283,9 +283,14 @@ impl<P: Protocol> Engine<P> {
                 // than after the wait lets the clients see the close now.
                 self.ring.submit()?;
                 if self.ring.all_submitted() {
+                    let closed = !self.closing.is_empty();
                     self.closing.clear();
                     self.retired = None;
                     self.retired_udp = None;
+                    if closed {
+                        // A descriptor is free now: a paused accept may take it.
+                        self.resume_accepting();
+                    }
                 }
             }
             let timeout = self.wait_timeout();
