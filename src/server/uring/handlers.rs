@@ -53,7 +53,7 @@ impl<P: Protocol> Engine<P> {
             // completions); `settle` re-arms.
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 log::trace!("[conn {key}] receive: no buffer, re-arming");
-                self.ring.grow_pool();
+                self.ring.grow_pool(self.conns.len());
             }
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
             Err(e) => {
