@@ -72,12 +72,15 @@ const CANCEL: u64 = 5;
 /// before the pool grows.
 const STARVED_BATCHES: u32 = 3;
 
-/// The pool grows to at most this many bytes per connection receiving
-/// (eight of echo's 64 KiB buffers, two readiness-engine read budgets):
-/// more buffers serve more connections at once, not one connection
-/// faster. Grown for whoever ran it dry, a single client sending as fast
-/// as it can took the pool to its most, 32 MiB for echo, where the
-/// readiness engine holds that client to `--max-buffer` and a read.
+/// The pool grows to at most this many bytes per open connection (eight
+/// of echo's 64 KiB buffers, two readiness-engine read budgets): more
+/// buffers serve more connections at once, not one connection faster.
+/// Grown for whoever ran it dry, a single client sending as fast as it can
+/// took the pool to its most, 32 MiB for echo, where the readiness engine
+/// holds that client to `--max-buffer` and a read. Open, not receiving: a
+/// server holding many idle clients may still let one sender grow the pool
+/// to its most (32 MiB, the bound that holds whatever clients do); telling
+/// the connections that receive apart would cost a field per connection.
 /// (At 128 KiB, uring failed `chat_drops_the_biggest_reader_at_the_memory_cap`
 /// every time: the talker's two readers reached the cap with exactly the
 /// same bytes queued and the one keeping up was dropped. At 512 KiB it
@@ -482,9 +485,9 @@ impl Ring {
         })
     }
 
-    /// A receive found no buffer; `receivers` connections have receives
-    /// armed. Provides more (doubling, up to [`POOL_SHARE`] per receiver
-    /// and the most) once receives have run dry in [`STARVED_BATCHES`]
+    /// A receive found no buffer; `receivers` connections are open.
+    /// Provides more (doubling, up to [`POOL_SHARE`] per connection and the
+    /// most) once receives have run dry in [`STARVED_BATCHES`]
     /// batches of completions in a row, and at most once per batch: a
     /// one-off burst (every idle client speaking at once) only waits a
     /// turn for recycled buffers, while sustained load on many connections
@@ -1211,7 +1214,7 @@ mod tests {
         let mut held = Vec::new();
         let mut events = Vec::new();
         let chunk = vec![3; shape.size];
-        for _ in 0..12 {
+        for _ in 0..16 {
             let _ = a.write(&chunk);
             ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
             loop {

@@ -28,12 +28,7 @@ impl<P: Protocol> Engine<P> {
         Ok(())
     }
 
-    pub(super) fn on_accepted(
-        &mut self,
-        tag: u64,
-        result: io::Result<OwnedFd>,
-        more: bool,
-    ) -> io::Result<()> {
+    pub(super) fn on_accepted(&mut self, tag: u64, result: io::Result<OwnedFd>, more: bool) {
         if !more {
             // The multishot accept ended (an error, or our cancel).
             self.accept_armed[tag as usize] = false;
@@ -54,15 +49,14 @@ impl<P: Protocol> Engine<P> {
             Err(e) => return self.pause_accepting(e),
         }
         if self.accepting == Accepting::On {
-            self.arm_accepts()?;
+            self.rearm_accepts();
         }
-        Ok(())
     }
 
     /// Out of descriptors: no accept is armed until a connection closes
     /// or [`ACCEPT_RETRY`] passes, so a full process does not spin on
     /// accepts that fail at once. Pending connects wait in the backlog.
-    fn pause_accepting(&mut self, e: io::Error) -> io::Result<()> {
+    fn pause_accepting(&mut self, e: io::Error) {
         if self.emfile_at.is_none() {
             warn_accept_paused(&e, self.conns.len());
             self.emfile_at = Some(self.conns.len());
@@ -71,11 +65,26 @@ impl<P: Protocol> Engine<P> {
         self.stats.accept_paused += 1;
         self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
         for (tag, armed) in [TCP, UNIX].into_iter().zip(self.accept_armed) {
+            // Paused either way: an accept the cancel missed may still
+            // bring a client, who is served, and is not armed again.
             if armed {
-                self.ring.cancel_accept(tag)?;
+                if let Err(e) = self.ring.cancel_accept(tag) {
+                    log::warn!("cannot cancel an accept while pausing: {e}");
+                }
             }
         }
-        Ok(())
+    }
+
+    /// Arms the accepts; if the ring refuses (its queue full and the
+    /// kernel busy), tries again after [`ACCEPT_RETRY`] rather than stay
+    /// `On` with nothing armed or end the server, as the readiness engine
+    /// does when it cannot watch the listeners again.
+    fn rearm_accepts(&mut self) {
+        if let Err(e) = self.arm_accepts() {
+            log::warn!("cannot arm accepting: {e}; retrying");
+            self.stats.accept_paused += 1;
+            self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
+        }
     }
 
     /// Called once a closed connection's descriptor is really closed (so
@@ -93,12 +102,7 @@ impl<P: Protocol> Engine<P> {
         if self.emfile_at.is_some_and(|n| self.conns.len() < n / 2) {
             self.emfile_at = None;
         }
-        if let Err(e) = self.arm_accepts() {
-            // As the readiness engine does: try again later rather than
-            // stay `On` with nothing armed, or end the server.
-            log::warn!("cannot re-arm accepting: {e}; retrying");
-            self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
-        }
+        self.rearm_accepts();
     }
 
     fn open(&mut self, fd: OwnedFd, unix: bool) {

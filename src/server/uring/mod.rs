@@ -360,7 +360,10 @@ impl<P: Protocol> Engine<P> {
 
     fn on_event(&mut self, event: Event) -> io::Result<()> {
         match event {
-            Event::Accepted { tag, result, more } => self.on_accepted(tag, result, more),
+            Event::Accepted { tag, result, more } => {
+                self.on_accepted(tag, result, more);
+                Ok(())
+            }
             Event::Received { tag, result, more } => {
                 self.on_received(tag, result, more);
                 Ok(())
