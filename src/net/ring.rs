@@ -72,15 +72,13 @@ const CANCEL: u64 = 5;
 /// before the pool grows.
 const STARVED_BATCHES: u32 = 3;
 
-/// The pool grows to at most this many bytes per open connection (eight
-/// of echo's 64 KiB buffers, two readiness-engine read budgets): more
-/// buffers serve more connections at once, not one connection faster.
-/// Grown for whoever ran it dry, a single client sending as fast as it can
-/// took the pool to its most, 32 MiB for echo, where the readiness engine
-/// holds that client to `--max-buffer` and a read. Open, not receiving: a
-/// server holding many idle clients may still let one sender grow the pool
-/// to its most (32 MiB, the bound that holds whatever clients do); telling
-/// the connections that receive apart would cost a field per connection.
+/// The pool grows to at most this many bytes per connection receiving
+/// (eight of echo's 64 KiB buffers, two readiness-engine read budgets):
+/// more buffers serve more connections at once, not one connection
+/// faster. Grown for whoever ran it dry, a single client sending as fast
+/// as it can took the pool to its most, 32 MiB for echo, where the
+/// readiness engine holds that client to `--max-buffer` and a read; so
+/// did one such client among many idle ones, had idle ones counted.
 /// (At 128 KiB, uring failed `chat_drops_the_biggest_reader_at_the_memory_cap`
 /// every time: the talker's two readers reached the cap with exactly the
 /// same bytes queued and the one keeping up was dropped. At 512 KiB it
@@ -485,20 +483,21 @@ impl Ring {
         })
     }
 
-    /// A receive found no buffer; `receivers` connections are open.
-    /// Provides more (doubling, up to [`POOL_SHARE`] per connection and the
-    /// most) once receives have run dry in [`STARVED_BATCHES`]
+    /// A receive found no buffer; `receivers` says how many connections
+    /// are receiving (asked only when the pool may grow, so it may walk
+    /// the connections). Provides more (doubling, up to [`POOL_SHARE`]
+    /// per receiving connection and the most) once receives have run dry in [`STARVED_BATCHES`]
     /// batches of completions in a row, and at most once per batch: a
     /// one-off burst (every idle client speaking at once) only waits a
     /// turn for recycled buffers, while sustained load on many connections
     /// still gets the buffers it needs. True when buffers were added.
-    pub fn grow_pool(&mut self, receivers: usize) -> bool {
+    pub fn grow_pool(&mut self, receivers: impl FnOnce() -> usize) -> bool {
         self.starved_now = true;
         if self.grown || self.starved < STARVED_BATCHES {
             return false;
         }
         self.grown = true;
-        let most = receivers
+        let most = receivers()
             .saturating_mul(POOL_SHARE)
             .div_ceil(self.pool.size);
         let grew = self.pool.grow(most);
@@ -1229,7 +1228,7 @@ mod tests {
                     match result {
                         Ok(Some(buf)) => held.push(buf),
                         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                            ring.grow_pool(receivers);
+                            ring.grow_pool(|| receivers);
                         }
                         other => panic!("{other:?}"),
                     }

@@ -6,7 +6,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 
-use super::conn::{flag, queue_shared, GoneOutbox, Phase};
+use super::conn::{flag, queue_shared, Conn, GoneOutbox, Phase};
 use super::{tag_of, Engine, LINGER};
 use crate::net::ring::{Batch, RecvBuf};
 use crate::protocol::{AtMemoryCap, Protocol};
@@ -53,7 +53,8 @@ impl<P: Protocol> Engine<P> {
             // completions); `settle` re-arms.
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 log::trace!("[conn {key}] receive: no buffer, re-arming");
-                self.ring.grow_pool(self.conns.len());
+                let (conns, now) = (&self.conns, self.now);
+                self.ring.grow_pool(|| receiving(conns, now));
             }
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
             Err(e) => {
@@ -466,4 +467,18 @@ impl<P: Protocol> Engine<P> {
         self.dirty = dirty;
         Ok(())
     }
+}
+
+/// How recently (ms) a connection must have received, or been resumed or
+/// opened, to count as receiving.
+const RECENT: u64 = 1000;
+
+/// Connections that received within [`RECENT`]: the ones the receive pool
+/// may grow for. Idle clients, however many, do not let one client sending
+/// flat out take the whole pool.
+fn receiving<S>(conns: &slab::Slab<Conn<S>>, now: u64) -> usize {
+    conns
+        .iter()
+        .filter(|(_, c)| c.stamp + RECENT >= now)
+        .count()
 }

@@ -15,7 +15,8 @@
 //! recipients counts its length once in each queue that holds it
 //! (`event_loop/memory.rs` says why that is the right over-count).
 //! Not counted: the receive pool (grown while receives run it dry, by at
-//! most [`POOL_SHARE`](crate::net::ring::POOL_SHARE) per open connection,
+//! most [`POOL_SHARE`](crate::net::ring::POOL_SHARE) per connection that
+//! received in the last second,
 //! 32 MiB at most for echo) and the spare buffers
 //! kept for reuse once a connection is done with them (at most 1,024, of
 //! at most 64 KiB each: 64 MiB at worst, whatever clients do).

@@ -431,7 +431,8 @@ impl Worker {
             // Out of pool buffers: provide more (at most once per batch of
             // completions); the receive is re-armed below.
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                ring.ring.grow_pool(self.conns.len());
+                let open = self.conns.len();
+                ring.ring.grow_pool(|| open);
             }
             Err(e) => {
                 return self.close_failed(key, Failure::Closed, format!("connection {id}: {e}"))
