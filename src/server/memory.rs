@@ -18,7 +18,9 @@
 //!   closes, over and over while others hold the cap, cannot grow the
 //!   queue without bound;
 //! - [`MemoryCap::victim`]: which client chat drops at the cap, if the
-//!   count is over it.
+//!   count is over it: the one furthest behind, by what the server holds
+//!   for it and, where the engine asks, what the kernel still holds
+//!   unsent for it (see there why the uring engine must ask).
 
 use std::collections::VecDeque;
 use std::fmt::Display;
@@ -146,22 +148,56 @@ impl<T: Copy> MemoryCap<T> {
         before - self.waiting.len()
     }
 
-    /// Chat at the cap: of `(who, bytes held)`, the one holding the most,
-    /// if the count is over the cap and anyone holds anything; logged as
-    /// the slow consumer it is (`name` says who it is, for the log). The
-    /// engine closes it.
+    /// Chat at the cap, if the count is over it: of `(who, bytes held,
+    /// bytes unsent)`, the one furthest behind, logged as the slow consumer
+    /// it is (`name` says who it is, for the log). The engine closes it.
+    /// `bytes unsent` is what the kernel still holds in that client's send
+    /// queue, or `None` when the engine does not ask (the readiness engine:
+    /// then the one holding the most, the last of equals).
+    ///
+    /// The uring engine must ask. What it holds for a reader is no sign
+    /// that the reader is slow: a wake-up's receives are relayed to every
+    /// queue before any is sent, and a send the kernel has already taken
+    /// counts until its completion is handled, which may come after a
+    /// wake-up's worth of receives. A reader that keeps up and one that
+    /// reads nothing then hold the same, byte for byte or nearly (a short
+    /// line still in flight to one of them), for as long as the kernel's
+    /// send buffer toward the latter (megabytes) takes what it is sent;
+    /// the difference is only in the kernel. So a client the kernel holds
+    /// nothing for, having taken all it was sent, is not a slow consumer;
+    /// of the others, the one with the most not yet taken (held here and
+    /// unsent there) goes. If the kernel holds nothing for anyone holding
+    /// output (nothing was sent to them yet, or all of it was taken),
+    /// nobody is dropped now: the engine's next sends tell them apart, and
+    /// the count stays over the cap meanwhile by what it took in before
+    /// sending.
     pub fn victim<K, D: Display>(
         &self,
-        held: impl Iterator<Item = (K, usize)>,
+        held: impl Iterator<Item = (K, usize, Option<usize>)>,
         name: impl FnOnce(&K) -> D,
     ) -> Option<(K, usize)> {
         if !self.over() {
             return None;
         }
-        let (who, bytes) = biggest(held)?;
+        let (who, bytes, unsent) = match furthest_behind(held) {
+            Behind::Nobody => return None,
+            Behind::Undecided { holders } => {
+                log::debug!(
+                    "{} bytes queued in all passed --max-memory, but the kernel holds \
+                     nothing unsent for any of the {holders} readers holding output: \
+                     none is dropped yet",
+                    self.used
+                );
+                return None;
+            }
+            Behind::One(who, bytes, unsent) => (who, bytes, unsent),
+        };
+        let kernel = unsent.map_or(String::new(), |u| {
+            format!("; {u} more unsent in the kernel")
+        });
         log::warn!(
             "[{}] slow consumer: {} bytes queued in all passed --max-memory; \
-             disconnecting the biggest reader ({bytes} bytes)",
+             disconnecting the biggest reader ({bytes} bytes{kernel})",
             name(&who),
             self.used
         );
@@ -176,10 +212,44 @@ impl<T: Copy> MemoryCap<T> {
     }
 }
 
-/// Chat at the cap: of `(who, bytes held)`, the one holding the most, if
-/// anyone holds anything.
-fn biggest<K>(held: impl Iterator<Item = (K, usize)>) -> Option<(K, usize)> {
-    held.max_by_key(|&(_, n)| n).filter(|&(_, n)| n > 0)
+/// What [`furthest_behind`] found.
+#[derive(Debug, PartialEq)]
+enum Behind<K> {
+    /// Nobody holds anything.
+    Nobody,
+    /// The one to drop, what it holds, and what the kernel holds for it.
+    One(K, usize, Option<usize>),
+    /// `holders` hold output, and the kernel holds nothing for any.
+    Undecided { holders: usize },
+}
+
+/// Chat at the cap: of `(who, bytes held, bytes unsent)`, the one furthest
+/// behind (see [`MemoryCap::victim`]); the last of equals.
+fn furthest_behind<K>(held: impl Iterator<Item = (K, usize, Option<usize>)>) -> Behind<K> {
+    let mut best: Option<(K, usize, Option<usize>, usize)> = None;
+    let mut keeping_up = 0;
+    for (who, n, unsent) in held {
+        let behind = match unsent {
+            _ if n == 0 => continue,
+            // It took all it was sent: what it holds is not yet sent.
+            Some(0) => {
+                keeping_up += 1;
+                continue;
+            }
+            Some(u) => n.saturating_add(u),
+            None => n,
+        };
+        if best.as_ref().map_or(true, |&(.., most)| behind >= most) {
+            best = Some((who, n, unsent, behind));
+        }
+    }
+    match best {
+        Some((who, n, unsent, _)) => Behind::One(who, n, unsent),
+        None if keeping_up > 0 => Behind::Undecided {
+            holders: keeping_up,
+        },
+        None => Behind::Nobody,
+    }
 }
 
 #[cfg(test)]
@@ -335,15 +405,72 @@ mod tests {
     fn nobody_is_a_victim_within_the_cap() {
         let mut m = MemoryCap::<u32>::with_cap(100);
         m.recount(0, 100);
-        let held = || [(1, 40), (2, 60)].into_iter();
+        let held = || [(1, 40, None), (2, 60, None)].into_iter();
         assert_eq!(m.victim(held(), |k| *k), None);
         m.recount(0, 1);
         assert_eq!(m.victim(held(), |k| *k), Some((2, 60)));
     }
 
     #[test]
-    fn the_biggest_holder_is_chosen_and_nobody_for_empty_queues() {
-        assert_eq!(biggest([(1, 5), (2, 9), (3, 0)].into_iter()), Some((2, 9)));
-        assert_eq!(biggest([(1, 0), (2, 0)].into_iter()), None);
+    fn without_the_kernel_the_biggest_holder_is_chosen_and_nobody_for_empty_queues() {
+        // The readiness engine: it does not ask the kernel.
+        let held = [(1, 5, None), (2, 9, None), (3, 0, None)];
+        assert_eq!(furthest_behind(held.into_iter()), Behind::One(2, 9, None));
+        let held = [(1, 0, None), (2, 0, None)];
+        assert_eq!(furthest_behind(held.into_iter()), Behind::Nobody);
+        let held = [(1, 9, None), (2, 9, None), (3, 2, None)];
+        assert_eq!(
+            furthest_behind(held.into_iter()),
+            Behind::One(2, 9, None),
+            "the last of equals"
+        );
+    }
+
+    #[test]
+    fn a_reader_the_kernel_holds_nothing_for_is_not_dropped() {
+        // Chat at the cap on the uring engine: the sink (key 0, reads
+        // nothing) and the watcher (key 1, reads everything) hold the same
+        // 523 relayed lines, or the watcher 17 bytes more (a `joined` line
+        // whose send's completion is not yet handled); the kernel holds
+        // 1.5 MB unsent for the sink, nothing for the watcher. By what the
+        // server holds alone, the watcher was dropped.
+        let mut m = MemoryCap::<usize>::with_cap(1 << 20);
+        m.recount(0, 2 * 528_230);
+        let held = [
+            (0, 528_230, Some(1_500_000)),
+            (1, 528_230, Some(0)),
+            (2, 0, Some(0)),
+        ];
+        assert_eq!(m.victim(held.into_iter(), |k| *k), Some((0, 528_230)));
+        m.recount(0, 17);
+        let held = [(0, 528_230, Some(1_500_000)), (1, 528_247, Some(0))];
+        assert_eq!(m.victim(held.into_iter(), |k| *k), Some((0, 528_230)));
+    }
+
+    #[test]
+    fn of_readers_behind_the_one_with_the_most_not_taken_goes() {
+        // Held here plus unsent there: 100 + 900 against 600 + 100.
+        let held = [(1, 100, Some(900)), (2, 600, Some(100)), (3, 50, Some(0))];
+        assert_eq!(
+            furthest_behind(held.into_iter()),
+            Behind::One(1, 100, Some(900))
+        );
+    }
+
+    #[test]
+    fn with_nothing_unsent_for_anyone_nobody_is_dropped_yet() {
+        // The first wake-up's lines, relayed to both before anything was
+        // sent to either: nobody has shown it reads slower.
+        let mut m = MemoryCap::<u32>::with_cap(1 << 19);
+        m.recount(0, 2 * 263_610);
+        let held = [(1, 263_610, Some(0)), (2, 263_610, Some(0))];
+        assert_eq!(m.victim(held.into_iter(), |k| *k), None);
+        assert_eq!(
+            furthest_behind(held.into_iter()),
+            Behind::Undecided { holders: 2 }
+        );
+        // Once the kernel holds something for one of them, it goes.
+        let held = [(1, 263_610, Some(250_000)), (2, 263_610, Some(0))];
+        assert_eq!(m.victim(held.into_iter(), |k| *k), Some((1, 263_610)));
     }
 }

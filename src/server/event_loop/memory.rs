@@ -160,7 +160,12 @@ impl<P: Protocol> EventLoop<P> {
         let held = conns
             .iter()
             .filter(|(_, c)| !c.state.is_closing())
-            .map(|(k, c)| (k, c.footprint()));
+            // The kernel is not asked (the uring engine asks: see
+            // `MemoryCap::victim`): a delivery to a reader with nothing
+            // queued is written to its socket at once, so what a reader
+            // holds is what its socket refused, and one that keeps up
+            // holds nothing.
+            .map(|(k, c)| (k, c.footprint(), None));
         let name = |&key: &usize| TokenName(connection_token(key, conns[key].generation));
         let Some((key, _)) = self.memory.victim(held, name) else {
             return false;

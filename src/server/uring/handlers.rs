@@ -394,19 +394,10 @@ impl<P: Protocol> Engine<P> {
     }
 
     /// Delivers queued broadcasts, closing recipients that cannot take
-    /// them; their departure may broadcast more. Chat at `--max-memory`:
-    /// then drops the biggest reader, whose `left` line is one more
-    /// broadcast to deliver.
+    /// them; their departure may broadcast more. (Chat at `--max-memory`
+    /// drops its slow consumers once per wake-up, not here: see
+    /// [`Engine::drop_over_cap`].)
     pub(super) fn deliver(&mut self) {
-        loop {
-            self.deliver_queued();
-            if !self.drop_largest_over_cap() {
-                return;
-            }
-        }
-    }
-
-    fn deliver_queued(&mut self) {
         let mut doomed = Vec::new();
         while !self.broadcasts.is_empty() {
             let batch = std::mem::take(&mut self.broadcasts);

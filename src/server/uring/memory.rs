@@ -44,11 +44,36 @@
 //!   [`MIN_READ`] receive's echo queued at a time (the readiness engine
 //!   peeks and writes back instead; a completion has no peek), and a
 //!   well-behaved client keeps its service while others hold the memory.
-//! - `DropLargest` (chat): after each delivery, while the count is over
-//!   the cap, the client holding the most is closed as a slow consumer.
+//! - `DropLargest` (chat): once per wake-up, after every completion taken
+//!   is handled, while the count is over the cap, the client furthest
+//!   behind is closed as a slow consumer. Not after each delivery, as the
+//!   readiness engine does: what a connection holds counts its send in
+//!   flight until the send's completion is handled, and a wake-up relays
+//!   all its receives to every queue before any is sent. When a
+//!   receive's re-arm was submitted ahead of the readers' sends (the
+//!   talker ran the pool dry), the kernel served the receive's first
+//!   completions (about 32) before those sends, so the sends' completions
+//!   came behind them in the same wake-up. Judged in between, a reader
+//!   that keeps up held what one that reads nothing held (the last
+//!   wake-up's send, which the kernel had taken, plus the same new
+//!   lines), byte for byte or nearly, and was dropped as often as not.
+//!   Once the wake-up's completions are handled, a send still in flight
+//!   is one the kernel has not taken; what else a reader holds is this
+//!   wake-up's lines, not yet offered to anyone (which tells nothing), or
+//!   what a short send left (then the kernel holds a full send buffer for
+//!   it). So the kernel is asked ([`ring::unsent`]): a reader it holds nothing
+//!   unsent for took all it was sent and is not dropped; of the others,
+//!   the one with the most not yet taken (held here and unsent there)
+//!   goes ([`MemoryCap::victim`]); if that is nobody (a first burst,
+//!   relayed to all before anything was sent), nobody is dropped until a
+//!   later wake-up tells them apart. Between two judgements the count may
+//!   pass the cap by one wake-up's input (the receive pool) per reader.
+
+use std::os::fd::AsFd;
 
 use super::conn::{flag, Phase};
 use super::{key_of, tag_of, Engine};
+use crate::net::ring;
 use crate::protocol::{AtMemoryCap, Protocol};
 use crate::server::memory::MIN_READ;
 use crate::server::CloseReason;
@@ -138,17 +163,37 @@ impl<P: Protocol> Engine<P> {
         }
     }
 
-    /// Chat at the cap: closes the client holding the most. Returns false
-    /// when the count is within the cap (nothing to do).
-    pub(super) fn drop_largest_over_cap(&mut self) -> bool {
+    /// Chat at the cap: while the count is over it, closes the client
+    /// furthest behind, by what it holds here and what the kernel holds
+    /// unsent for it, and delivers its `left` line (see the module docs).
+    pub(super) fn drop_over_cap(&mut self) {
+        while self.drop_largest_over_cap() {
+            self.deliver();
+        }
+    }
+
+    /// One step of [`Engine::drop_over_cap`]; false when there is nothing
+    /// to do (the count is within the cap, or nobody is behind).
+    fn drop_largest_over_cap(&mut self) -> bool {
         if P::AT_MEMORY_CAP != AtMemoryCap::DropLargest {
             return false;
         }
+        // The kernel is asked of readers holding output only, and only
+        // over the cap (`victim` reads nothing otherwise). A descriptor it
+        // cannot answer for is ranked by what it holds here.
         let held = self
             .conns
             .iter()
             .filter(|(_, c)| !c.has(flag::FAILED | flag::OVERFLOW))
-            .map(|(k, c)| (k, c.footprint()));
+            .map(|(k, c)| {
+                let n = c.footprint();
+                let unsent = if n > 0 {
+                    ring::unsent(c.fd.as_fd()).ok()
+                } else {
+                    None
+                };
+                (k, n, unsent)
+            });
         let Some((key, _)) = self.memory.victim(held, |key| format!("conn {key}")) else {
             return false;
         };

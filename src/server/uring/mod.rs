@@ -320,6 +320,9 @@ impl<P: Protocol> Engine<P> {
                 }
             }
             self.events = events;
+            // Chat at `--max-memory`: judged once every completion taken
+            // is handled, sends included (see `memory.rs`).
+            self.drop_over_cap();
             if let Some(u) = self.udp.as_mut() {
                 if !std::mem::take(&mut u.served) && u.again {
                     self.on_udp(false)?;
