@@ -899,21 +899,34 @@ fn waited(r: io::Result<usize>) -> io::Result<()> {
     }
 }
 
-/// Bytes the kernel still holds in a socket's send queue: taken by a send
-/// but not yet acknowledged by the peer (TCP), or not yet read by it (Unix,
-/// counted with the kernel's per-buffer overhead). A client that reads
-/// nothing has here whatever its kernel send buffer took, megabytes on
-/// loopback; one that keeps up, little. One `ioctl(SIOCOUTQ)`.
+/// `SIOCOUTQNSD` (linux/sockios.h; not in the `libc` crate): a TCP
+/// socket's bytes queued but not yet sent.
+const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+
+/// Bytes the kernel still holds in a socket's send queue that the peer
+/// has not been sent (TCP: `SIOCOUTQNSD`, so bytes on the wire to a far
+/// reader that keeps up do not count) or has not read (Unix, which has no
+/// wire: `SIOCOUTQ`, counted with the kernel's per-buffer overhead). A
+/// client that reads nothing has here whatever its kernel send buffer
+/// took once its window closed; one that keeps up, nothing or little.
 ///
 /// Not an io_uring operation: it lives here because this is the one module
 /// allowed `unsafe`. The uring engine needs it where its own counts cannot
 /// tell two chat readers apart (see `MemoryCap::victim`).
 pub fn unsent(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    match queued(fd, SIOCOUTQNSD) {
+        // Not TCP (a Unix socket: EOPNOTSUPP, or ENOTTY/EINVAL elsewhere).
+        Err(e) if e.raw_os_error() != Some(libc::EBADF) => queued(fd, libc::TIOCOUTQ),
+        r => r,
+    }
+}
+
+fn queued(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int through the
-    // pointer, which points at `n`, alive for the whole call; the
-    // borrowed descriptor stays open for it.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    // SAFETY: SIOCOUTQNSD and SIOCOUTQ (TIOCOUTQ's number) write one int
+    // through the pointer, which points at `n`, alive for the whole call;
+    // the borrowed descriptor stays open for it.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -981,6 +994,33 @@ mod tests {
         let mut got = [0; 1000];
         std::io::Read::read_exact(&mut b, &mut got).unwrap();
         assert_eq!(unsent(a.as_fd()).unwrap(), 0, "read: nothing held");
+    }
+
+    #[test]
+    fn on_tcp_unsent_is_what_could_not_be_sent_yet() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        // Sent at once to a peer with room: nothing unsent.
+        (&a).write_all(&[7; 1000]).unwrap();
+        let mut got = [0; 1000];
+        std::io::Read::read_exact(&mut b, &mut got).unwrap();
+        assert_eq!(unsent(a.as_fd()).unwrap(), 0);
+        // A peer that reads nothing: once its window is shut, what the
+        // send buffer took stays unsent.
+        a.set_nonblocking(true).unwrap();
+        let chunk = [7; 65536];
+        let mut wrote = 0usize;
+        loop {
+            match (&a).write(&chunk) {
+                Ok(n) => wrote += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let n = unsent(a.as_fd()).unwrap();
+        assert!(n > 0 && n < wrote, "{n} unsent of {wrote}");
     }
 
     const WHOLE: PoolShape = PoolShape {

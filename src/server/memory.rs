@@ -44,6 +44,10 @@ pub struct MemoryCap<T> {
     /// What a queue may occupy beyond the bytes put in it.
     slack: usize,
     waiting: VecDeque<T>,
+    /// The last judgement over the cap found nobody behind (see
+    /// [`MemoryCap::victim`]): the next one, if over the cap again with
+    /// nobody behind, drops the biggest holder.
+    undecided: bool,
 }
 
 impl<T: Copy> MemoryCap<T> {
@@ -59,6 +63,7 @@ impl<T: Copy> MemoryCap<T> {
             per_reader,
             slack,
             waiting: VecDeque::new(),
+            undecided: false,
         }
     }
 
@@ -170,28 +175,38 @@ impl<T: Copy> MemoryCap<T> {
     /// output (nothing was sent to them yet, or all of it was taken),
     /// nobody is dropped now: the engine's next sends tell them apart, and
     /// the count stays over the cap meanwhile by what it took in before
-    /// sending.
+    /// sending. Only once in a row: if the next judgement is over the cap
+    /// with nobody behind again (every reader keeping up, and still more
+    /// queued than the cap allows), the biggest holder goes, as without
+    /// the kernel, so the cap holds whatever clients do.
     pub fn victim<K, D: Display>(
-        &self,
+        &mut self,
         held: impl Iterator<Item = (K, usize, Option<usize>)>,
         name: impl FnOnce(&K) -> D,
     ) -> Option<(K, usize)> {
         if !self.over() {
+            self.undecided = false;
             return None;
         }
         let (who, bytes, unsent) = match furthest_behind(held) {
             Behind::Nobody => return None,
-            Behind::Undecided { holders } => {
+            Behind::Undecided { holders, .. } if !self.undecided => {
                 log::debug!(
                     "{} bytes queued in all passed --max-memory, but the kernel holds \
                      nothing unsent for any of the {holders} readers holding output: \
                      none is dropped yet",
                     self.used
                 );
+                self.undecided = true;
                 return None;
+            }
+            Behind::Undecided { biggest, .. } => {
+                let (who, bytes) = biggest;
+                (who, bytes, Some(0))
             }
             Behind::One(who, bytes, unsent) => (who, bytes, unsent),
         };
+        self.undecided = false;
         let kernel = unsent.map_or(String::new(), |u| {
             format!("; {u} more unsent in the kernel")
         });
@@ -219,8 +234,9 @@ enum Behind<K> {
     Nobody,
     /// The one to drop, what it holds, and what the kernel holds for it.
     One(K, usize, Option<usize>),
-    /// `holders` hold output, and the kernel holds nothing for any.
-    Undecided { holders: usize },
+    /// `holders` hold output, and the kernel holds nothing for any; the
+    /// one holding the most (the last of equals).
+    Undecided { holders: usize, biggest: (K, usize) },
 }
 
 /// Chat at the cap: of `(who, bytes held, bytes unsent)`, the one furthest
@@ -228,12 +244,16 @@ enum Behind<K> {
 fn furthest_behind<K>(held: impl Iterator<Item = (K, usize, Option<usize>)>) -> Behind<K> {
     let mut best: Option<(K, usize, Option<usize>, usize)> = None;
     let mut keeping_up = 0;
+    let mut biggest: Option<(K, usize)> = None;
     for (who, n, unsent) in held {
         let behind = match unsent {
             _ if n == 0 => continue,
             // It took all it was sent: what it holds is not yet sent.
             Some(0) => {
                 keeping_up += 1;
+                if biggest.as_ref().map_or(true, |&(_, most)| n >= most) {
+                    biggest = Some((who, n));
+                }
                 continue;
             }
             Some(u) => n.saturating_add(u),
@@ -245,10 +265,13 @@ fn furthest_behind<K>(held: impl Iterator<Item = (K, usize, Option<usize>)>) -> 
     }
     match best {
         Some((who, n, unsent, _)) => Behind::One(who, n, unsent),
-        None if keeping_up > 0 => Behind::Undecided {
-            holders: keeping_up,
+        None => match biggest {
+            Some(biggest) => Behind::Undecided {
+                holders: keeping_up,
+                biggest,
+            },
+            None => Behind::Nobody,
         },
-        None => Behind::Nobody,
     }
 }
 
@@ -467,10 +490,31 @@ mod tests {
         assert_eq!(m.victim(held.into_iter(), |k| *k), None);
         assert_eq!(
             furthest_behind(held.into_iter()),
-            Behind::Undecided { holders: 2 }
+            Behind::Undecided {
+                holders: 2,
+                biggest: (2, 263_610)
+            }
         );
         // Once the kernel holds something for one of them, it goes.
         let held = [(1, 263_610, Some(250_000)), (2, 263_610, Some(0))];
         assert_eq!(m.victim(held.into_iter(), |k| *k), Some((1, 263_610)));
+    }
+
+    #[test]
+    fn over_the_cap_with_nobody_behind_twice_in_a_row_the_biggest_holder_goes() {
+        // Every reader keeping up, and still more queued than the cap:
+        // one judgement waits for the sends, the next one drops.
+        let mut m = MemoryCap::<u32>::with_cap(1000);
+        m.recount(0, 1500);
+        let held = || [(1, 700, Some(0)), (2, 800, Some(0))].into_iter();
+        assert_eq!(m.victim(held(), |k| *k), None);
+        assert_eq!(m.victim(held(), |k| *k), Some((2, 800)));
+        // A judgement that decides (or finds the count within the cap)
+        // starts the count of undecided ones again.
+        assert_eq!(m.victim(held(), |k| *k), None);
+        m.recount(1500, 900);
+        assert_eq!(m.victim(held(), |k| *k), None);
+        m.recount(900, 1500);
+        assert_eq!(m.victim(held(), |k| *k), None, "waits once again");
     }
 }

@@ -365,7 +365,30 @@ impl Supervisor {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let tx = self.tx.clone();
-        // The stdout thread owns the child: at end-of-file it reaps it.
+        let log = thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let parsed = Stats::parse_log_line(&line);
+                // Interval lines are summed by the supervisor; a worker's
+                // final line is shown as well as the sum.
+                if !matches!(parsed, Some((false, _))) {
+                    let _ = writeln!(io::stderr().lock(), "{line}");
+                }
+                if let Some((_, stats)) = parsed {
+                    let _ = tx.send(Event::Stats {
+                        slot: i,
+                        gen,
+                        stats: Box::new(stats),
+                    });
+                }
+            }
+        });
+        let tx = self.tx.clone();
+        // The stdout thread owns the child: at end-of-file it reaps it, and
+        // reports the exit only once the stderr thread has relayed the
+        // last log line too. (Reported at once, a worker's final stats
+        // line could still be in its pipe when the supervisor, all workers
+        // gone, summed them and exited: the line and its share of the sum
+        // were lost; seen in a CI rehearsal under load.)
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let event = match line.strip_prefix("snapshot ") {
@@ -385,29 +408,12 @@ impl Supervisor {
                 let _ = tx.send(event);
             }
             let status = child.wait();
+            let _ = log.join();
             let _ = tx.send(Event::Exited {
                 slot: i,
                 gen,
                 status,
             });
-        });
-        let tx = self.tx.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let parsed = Stats::parse_log_line(&line);
-                // Interval lines are summed by the supervisor; a worker's
-                // final line is shown as well as the sum.
-                if !matches!(parsed, Some((false, _))) {
-                    let _ = writeln!(io::stderr().lock(), "{line}");
-                }
-                if let Some((_, stats)) = parsed {
-                    let _ = tx.send(Event::Stats {
-                        slot: i,
-                        gen,
-                        stats: Box::new(stats),
-                    });
-                }
-            }
         });
         Ok(())
     }

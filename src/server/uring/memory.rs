@@ -66,8 +66,11 @@
 //!   the one with the most not yet taken (held here and unsent there)
 //!   goes ([`MemoryCap::victim`]); if that is nobody (a first burst,
 //!   relayed to all before anything was sent), nobody is dropped until a
-//!   later wake-up tells them apart. Between two judgements the count may
-//!   pass the cap by one wake-up's input (the receive pool) per reader.
+//!   later wake-up tells them apart, but only once in a row: over the cap
+//!   again with nobody behind (every reader keeping up), the biggest
+//!   holder goes, so the count cannot stay over the cap. Between two
+//!   judgements it may pass the cap by up to two wake-ups' input (the
+//!   receive pool) per reader.
 
 use std::os::fd::AsFd;
 
