@@ -16,10 +16,9 @@
 //! (`event_loop/memory.rs` says why that is the right over-count).
 //! Not counted: the receive pool (grown while receives run it dry, by at
 //! most [`POOL_SHARE`](crate::net::ring::POOL_SHARE) per connection that
-//! received in the last second,
-//! 32 MiB at most for echo) and the spare buffers
-//! kept for reuse once a connection is done with them (at most 1,024, of
-//! at most 64 KiB each: 64 MiB at worst, whatever clients do).
+//! received in the last second, 32 MiB at most for echo) and the spare
+//! buffers kept for reuse once a connection is done with them (at most
+//! 1,024, of at most 64 KiB each: 64 MiB at worst, whatever clients do).
 //!
 //! # At the cap
 //! - `Pause` (echo): the readiness engine checks the room *before* a read;
