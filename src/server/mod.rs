@@ -100,6 +100,12 @@ pub(crate) enum Accepting {
 }
 
 impl Accepting {
+    /// Paused at `now` (ms): accepting is tried again [`ACCEPT_RETRY`]
+    /// later, or when a connection closes.
+    pub(crate) fn paused(now: u64) -> Accepting {
+        Accepting::PausedUntil(now + ACCEPT_RETRY.as_millis() as u64)
+    }
+
     /// When to try accepting again, if paused: a deadline for the loop.
     pub(crate) fn retry_at(self) -> Option<u64> {
         match self {

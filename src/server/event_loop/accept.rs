@@ -74,7 +74,7 @@ impl<P: Protocol> EventLoop<P> {
         }
         log::debug!("accepting paused ({e}) until a connection closes or {ACCEPT_RETRY:?} pass");
         self.stats.accept_paused += 1;
-        self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
+        self.accepting = Accepting::paused(self.now);
         let registry = self.poll.registry();
         // Deregistering can only fail if the listener was not registered;
         // either way it is not watched now, which is what we want.

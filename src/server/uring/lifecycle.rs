@@ -63,7 +63,7 @@ impl<P: Protocol> Engine<P> {
         }
         log::debug!("accepting paused ({e}) until a connection closes or {ACCEPT_RETRY:?} pass");
         self.stats.accept_paused += 1;
-        self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
+        self.accepting = Accepting::paused(self.now);
         for (tag, armed) in [TCP, UNIX].into_iter().zip(self.accept_armed) {
             // Paused either way: an accept the cancel missed may still
             // bring a client, who is served, and is not armed again.
@@ -83,7 +83,7 @@ impl<P: Protocol> Engine<P> {
         if let Err(e) = self.arm_accepts() {
             log::warn!("cannot arm accepting: {e}; retrying");
             self.stats.accept_paused += 1;
-            self.accepting = Accepting::PausedUntil(self.now + ACCEPT_RETRY.as_millis() as u64);
+            self.accepting = Accepting::paused(self.now);
         }
     }
 

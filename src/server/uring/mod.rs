@@ -73,8 +73,10 @@ use udp::UdpSide;
 /// full queue is submitted early, so this bounds nothing but batching.
 const SQ_ENTRIES: u32 = 4096;
 /// Receive buffers: how many at most, their size, and how many are
-/// provided at start (more are provided whenever the kernel runs out, up
-/// to the most); a buffer's pages cost memory only once written. Both
+/// provided at start (more once receives keep running out, up to the most
+/// and [`POOL_SHARE`](crate::net::ring::POOL_SHARE) per connection
+/// receiving: `Ring::grow_pool`); a buffer's pages cost memory only once
+/// written. Both
 /// shapes cost at most 32 MiB, and 256 KiB at start.
 ///
 /// Echo's buffers are consumed incrementally (kernel 6.12 on) and 64 KiB:
